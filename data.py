@@ -1,0 +1,527 @@
+"""Data for LoFi: annotations, OpenCV decoding, fidelity-aware snippet batches, the C-LoFi schedules,
+the datasets, a frame cache, a synthetic dataset and a data check.
+
+Paper (Xu et al., NeurIPS 2021) Sec. 3: a video is L snippets, each of F frames taken at a stride inside
+a window of F * stride consecutive frames (64 frames at stride 8 -> 8 frames). Sec. 3.2: the full
+fidelity L x H x W (Eq. 1) and S-, T-, ST-LoFi (Eq. 2-4), cycled by C-LoFi every c_l epochs (long
+cycle) or every c_s batches (short cycle); Sec. 4.3: r_s = 2, r_t = 4, and (r_t, r_s) = (2, sqrt 2).
+
+    python data.py synth data/synth --videos 64 --seed 0     # mp4 files + ActivityNet-style anno.json
+    python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--count]
+
+Frames are decoded once, sequentially, with OpenCV, at full resolution (optionally into a frame cache);
+every lower fidelity is resized from those frames, so cached and uncached batches are identical.
+"""
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+EXTENSIONS = ("mp4", "mkv", "webm", "avi")
+TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
+SYNTH_CLASSES = ("circular", "horizontal", "vertical")
+
+
+# ----------------------------------------------------------------------------- fidelity (Sec. 3.2)
+@dataclass(frozen=True)
+class Fidelity:
+    """A mini-batch configuration L x H x W (Eq. 1): snippets per video, frame height and width."""
+    L: int
+    H: int
+    W: int
+
+    def __str__(self):
+        return f"{self.L}x{self.H}x{self.W}"
+
+
+def _reduce(full, r_t=1.0, r_s=1.0):
+    # Sizes round to an even number of pixels: 224 / sqrt 2 -> 158 as in the paper, 64 / sqrt 2 -> 46.
+    even = lambda x: max(2, 2 * int(x / 2 + 0.5))
+    return Fidelity(max(1, int(full.L / r_t + 0.5)), even(full.H / r_s), even(full.W / r_s))
+
+
+def s_lofi(full):
+    return _reduce(full, r_s=2)                      # Eq. (2): L x H/r_s x W/r_s
+
+
+def t_lofi(full):
+    return _reduce(full, r_t=4)                      # Eq. (3): L/r_t x H x W
+
+
+def st_lofi(full):
+    return _reduce(full, r_t=2, r_s=math.sqrt(2))    # Eq. (4): both, with a smaller reduction each
+
+
+def c_lofi(full):
+    """C-LoFi's grid, in the order it is cycled: S -> T -> ST."""
+    return [s_lofi(full), t_lofi(full), st_lofi(full)]
+
+
+def fidelity_at(configs, cycle, epoch, step, c_l=1, c_s=16):
+    """The configuration of a batch. The short cycle's `step` counts batches from the start of training
+    (epoch * steps_per_epoch + batch): small epochs still visit S, T and ST, and resuming is exact."""
+    if cycle == "long":
+        return configs[(epoch // c_l) % len(configs)]
+    if cycle == "short":
+        return configs[(step // c_s) % len(configs)]
+    raise ValueError(f"cycle must be 'long' or 'short', not {cycle!r}")
+
+
+# ----------------------------------------------------------------------------- annotations
+@dataclass
+class Video:
+    id: str
+    subset: str
+    duration: float         # seconds, as annotated
+    segments: np.ndarray    # (N, 2) float64 seconds, inside [0, duration]
+    labels: list
+
+
+def read_annotations(path, subset=None):
+    """ActivityNet-1.3 / HACS JSON -> (dict id -> Video, report). Segments are clipped to [0, duration];
+    those left empty are dropped; both are counted and listed in report['problems']."""
+    try:
+        entries = json.loads(Path(path).read_text())["database"].items()
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except (KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path}: no 'database' mapping (ActivityNet / HACS layout expected)") from None
+    videos, report = {}, dict(videos=0, segments=0, clipped=0, dropped=0, problems=[])
+    for raw_id, entry in entries:
+        # YouTube ids are 11 characters; a 13-character 'v_...' is the file-name prefix (two real
+        # ActivityNet ids, e.g. 'v_UmAH95xls', start with 'v_' and are kept whole).
+        vid = raw_id[2:] if raw_id.startswith("v_") and len(raw_id) == 13 else raw_id
+        try:
+            if subset is not None and entry.get("subset") != subset:
+                continue
+            duration = float(entry["duration"])
+            notes = entry.get("annotations", [])
+            segs = np.array([a["segment"] for a in notes] or np.zeros((0, 2)))                # (N, 2)
+            labels = [str(a.get("label", "")) for a in notes]
+            if segs.ndim != 2 or segs.shape[1] != 2 or segs.dtype.kind not in "iuf":
+                raise ValueError("a segment is not two numbers")
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise ValueError(f"{path}: video {raw_id}: malformed entry ({e})") from None
+        if not duration > 0 or not np.isfinite(segs).all() or vid in videos:
+            raise ValueError(f"{path}: video {raw_id}: repeated, or a duration or segment not finite and positive")
+        inside = np.clip(segs.astype(np.float64), 0.0, duration)                          # (N, 2)
+        keep, moved = inside[:, 1] > inside[:, 0], (inside != segs).any(1)
+        for (s, e), k, m in zip(segs, keep, moved):
+            if m or not k:
+                what = "runs outside" if k else "is empty inside"
+                report["problems"].append(f"{vid}: segment [{s:.2f}, {e:.2f}] {what} [0, {duration}] s, "
+                                          + ("clipped" if k else "dropped"))
+        report["clipped"] += int((moved & keep).sum())
+        report["dropped"] += int((~keep).sum())
+        report["segments"] += int(keep.sum())
+        kept_labels = [label for label, k in zip(labels, keep) if k]
+        videos[vid] = Video(vid, entry.get("subset", ""), duration, inside[keep], kept_labels)
+    report["videos"] = len(videos)
+    return videos, report
+
+
+def class_names(videos):
+    """Sorted label names: the label <-> index mapping every stage shares."""
+    videos = videos.values() if isinstance(videos, dict) else videos
+    return sorted({label for v in videos for label in v.labels})
+
+
+# ----------------------------------------------------------------------------- files and decoding
+class VideoError(RuntimeError):
+    """A video that cannot be used; the message names the file (hence the video id) and the reason."""
+
+
+def find_video(video_dir, vid):
+    tried = [Path(video_dir) / f"{prefix}{vid}.{ext}" for prefix in ("", "v_") for ext in EXTENSIONS]
+    for path in tried:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(f"no video file for {vid}; tried {', '.join(map(str, tried))}")
+
+
+def open_video(path):
+    """-> (cv2.VideoCapture, frame count, fps) as the container states them."""
+    # One FFmpeg thread: parallelism comes from DataLoader workers, and FFmpeg's frame threads cost more
+    # than they gained even in one process (2 cores, mp4v: 4.5x slower at 80 x 64, 1.2x at 640 x 360).
+    cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
+    if not cap.isOpened():
+        raise VideoError(f"{path}: OpenCV/FFmpeg cannot open it (not a video, truncated, or an unknown codec)")
+    n, fps = int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), cap.get(cv2.CAP_PROP_FPS)
+    if not (fps > 0 and n > 0):
+        cap.release()
+        raise VideoError(f"{path}: the container states {n} frames at {fps} fps (empty, or remux it to state them)")
+    return cap, n, fps
+
+
+def _mismatch(seconds, expected):
+    return abs(seconds - expected) > max(TOLERANCE_S, TOLERANCE_FRAC * expected)
+
+
+def fit_frame(img, size):
+    """Scale so the image covers H x W (shorter side to target), centre-crop to H x W (square: a resize)."""
+    (H, W), (h, w) = size, img.shape[:2]
+    s = max(H / h, W / w)
+    rh, rw = max(H, round(h * s)), max(W, round(w * s))
+    if (rh, rw) != (h, w):
+        img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
+    y, x = (rh - H) // 2, (rw - W) // 2
+    return img[y:y + H, x:x + W]
+
+
+def read_frames(cap, wanted, size):
+    """Frames at sorted unique indices in one sequential pass: grab() skips, retrieve() converts only
+    the frames asked for (seeking is slow and lands on key frames). -> ((K, 3, H, W) RGB uint8, None),
+    or (None, frames in the stream) if it ends first."""
+    out = np.empty((len(wanted), 3, size[0], size[1]), np.uint8)        # (K, 3, H, W)
+    pos = 0
+    for j, t in enumerate(wanted):
+        while pos <= t:
+            if not cap.grab():
+                return None, pos
+            pos += 1
+        ok, bgr = cap.retrieve()
+        if not ok:
+            return None, pos - 1
+        out[j] = fit_frame(bgr, size).transpose(2, 0, 1)[::-1]          # channels first, BGR -> RGB
+    return out, None
+
+
+def read_video(path, index_fn, size):
+    """Decode the frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps).
+    If the stream ends before the container's count n, the indices are recomputed from the true count
+    when the gap is within the duration tolerance (max(1 s, 2 %)); beyond it the video is an error."""
+    cap, n, fps = open_video(path)
+    try:
+        for attempt in range(2):
+            idx = np.asarray(index_fn(n, fps))
+            wanted, inverse = np.unique(idx, return_inverse=True)
+            frames, true_n = read_frames(cap, wanted, size)
+            if frames is not None:
+                if np.array_equal(wanted, idx.ravel()):              # sorted, no repeats: no copy needed
+                    return frames.reshape(*idx.shape, *frames.shape[1:]), n, fps
+                return np.take(frames, inverse.reshape(idx.shape), axis=0), n, fps
+            if true_n == 0:
+                raise VideoError(f"{path}: no frame decodes")
+            if attempt or _mismatch(true_n / fps, n / fps):
+                raise VideoError(f"{path}: stream ends at frame {true_n}, the container states {n} "
+                                 "(truncated or corrupt)")
+            # Indices past the true end must not become other frames: recompute them from the true count.
+            n = true_n
+            cap.release()
+            cap = open_video(path)[0]
+    finally:
+        cap.release()
+
+
+def snippet_indices(num_frames, L, F=8, stride=8):
+    """Frame indices (L, F) int64 of L snippets evenly covering the video. Snippet i's window is centred
+    at (i + 0.5) * num_frames / L, its frames at centre - F * stride / 2 + stride * (f + 0.5), floored,
+    clipped to the video: short videos overlap windows and repeat frames, but the stride (the motion
+    scale the encoder sees) never changes."""
+    if num_frames < 1:
+        raise ValueError(f"a video needs at least one frame, got {num_frames}")
+    i, f = np.arange(L, dtype=np.int64)[:, None], np.arange(F, dtype=np.int64)[None, :]
+    # centre + offset = ((2i + 1) n + L stride (2f + 1 - F)) / 2L, floored in integers: exact.
+    idx = ((2 * i + 1) * num_frames + L * stride * (2 * f + 1 - F)) // (2 * L)     # (L, F)
+    return np.clip(idx, 0, num_frames - 1)
+
+
+def clip_indices(first, end, u, F, stride):
+    """F frames at a stride in the instance [first, end): window centred at the instance centre
+    shifted by (u - 0.5) times the room left; instances shorter than the window repeat frames."""
+    centre = (first + end) / 2 + (u - 0.5) * max(0, end - first - F * stride)
+    idx = np.floor(centre - F * stride / 2 + stride * (np.arange(F) + 0.5)).astype(np.int64)   # (F,)
+    return np.clip(idx, first, end - 1)
+
+
+def resize_frames(frames, size):
+    """(..., 3, h, w) -> (..., 3, H, W), each colour plane by INTER_AREA: the one path from full-resolution
+    frames (decoded or cached) to a lower fidelity, so cached and uncached batches are identical."""
+    H, W = size
+    if frames.shape[-2:] == (H, W):
+        return frames
+    planes = frames.reshape(-1, *frames.shape[-2:])                                     # (K * 3, h, w)
+    out = np.stack([cv2.resize(p, (W, H), interpolation=cv2.INTER_AREA) for p in planes])
+    return out.reshape(*frames.shape[:-2], H, W)
+
+
+def read_snippets(path, full, F=8, stride=8):
+    """One video file at a fidelity -> (uint8 tensor (L, F, 3, H, W), duration in seconds)."""
+    frames, n, fps = read_video(path, lambda n, fps: snippet_indices(n, full.L, F, stride), (full.H, full.W))
+    return torch.from_numpy(frames), n / fps
+
+
+# ----------------------------------------------------------------------------- checks
+def check(videos, video_dir, decode=True, classes=None, count=False):
+    """-> (errors, warnings). Errors would break or mislabel training: missing or undecodable files,
+    zero frames, a duration mismatch beyond tolerance, empty or (given `classes`) unknown labels.
+    The datasets run it with decode=False at start-up; decoding problems surface on read."""
+    errors, warnings = [], []
+    for v in videos:
+        for label in v.labels:
+            if not label.strip():
+                errors.append(f"{v.id}: empty label")
+            elif classes is not None and label not in classes:
+                errors.append(f"{v.id}: label '{label}' is not a training class")
+        if len(v.segments) == 0:
+            warnings.append(f"{v.id}: no action instance")
+        try:
+            path = find_video(video_dir, v.id)
+            if not decode:
+                continue
+            cap, n, fps = open_video(path)
+            decoded = sum(1 for _ in iter(cap.grab, False)) if count else int(cap.grab())   # grab() decodes
+            cap.release()
+        except (FileNotFoundError, VideoError) as e:
+            errors.append(f"{v.id}: {e}")
+            continue
+        if decoded == 0:
+            errors.append(f"{v.id}: {path}: no frame decodes (the container states {n})")
+            continue
+        if count and decoded != n:
+            (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
+                f"{v.id}: {path}: {decoded} frames decode, the container states {n}")
+        n = decoded if count else n
+        if _mismatch(n / fps, v.duration):
+            errors.append(f"{v.id}: {path}: lasts {n / fps:.2f} s, annotated {v.duration:.2f} s")
+    return errors, warnings
+
+
+# ----------------------------------------------------------------------------- datasets
+def _usable(videos, video_dir, classes=None):
+    """The datasets' fail-fast start: the cheap half of `check`, then each video's file."""
+    videos = list(videos.values() if isinstance(videos, dict) else videos)
+    errors, _ = check(videos, video_dir, decode=False, classes=classes)
+    if errors:
+        raise ValueError(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
+                         + "\n".join(errors[:20]))
+    return videos, [find_video(video_dir, v.id) for v in videos]
+
+
+def _atomic_save(path, write):
+    # Temp file + rename: concurrent workers and ranks never see half a file.
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def cache_size(cache_dir):
+    return sum(p.stat().st_size for p in Path(cache_dir).glob("*") if p.is_file())
+
+
+class TALDataset(torch.utils.data.Dataset):
+    """Item (index, Fidelity) -> dict(frames uint8 (L, F, 3, H, W), segments float32 (N, 2) in [0, 1]
+    of the annotated duration, labels [str], id, duration, fidelity). A plain index means full fidelity.
+    With cache_dir, the first read of a video decodes the union of the snippet frames of every L in
+    cache_levels at full H x W into one .npy (memory-mapped later); any fidelity is resized from it."""
+
+    def __init__(self, videos, video_dir, F, stride, cache_dir=None, cache_levels=None, full=Fidelity(100, 224, 224)):
+        self.videos, self.paths = _usable(videos, video_dir)
+        self.F, self.stride, self.full = F, stride, full
+        self.cache_dir = Path(cache_dir) if cache_dir else None
+        self.levels = tuple(sorted(set(cache_levels or [c.L for c in [full, *c_lofi(full)]])))
+        if self.cache_dir:
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, item):
+        index, fid = item if isinstance(item, tuple) else (item, self.full)
+        v, frames = self.videos[index], self._full_frames(index, fid.L)           # (L, F, 3, H0, W0)
+        return dict(frames=torch.from_numpy(resize_frames(frames, (fid.H, fid.W))),   # (L, F, 3, H, W)
+                    segments=torch.from_numpy(np.clip(v.segments / v.duration, 0, 1)).float(),   # (N, 2)
+                    labels=list(v.labels), id=v.id, duration=v.duration, fidelity=fid)
+
+    def _full_frames(self, index, L):
+        if self.cache_dir is None:
+            index_fn = lambda n, fps: snippet_indices(n, L, self.F, self.stride)
+            return read_video(self.paths[index], index_fn, (self.full.H, self.full.W))[0]
+        if L not in self.levels:
+            raise ValueError(f"L = {L} is not among the cached levels {self.levels}")
+        cached, n = self._cached(index)                                              # (K, 3, H0, W0)
+        pos = np.searchsorted(self._union(n), snippet_indices(n, L, self.F, self.stride))   # (L, F)
+        return np.asarray(np.take(cached, pos, axis=0))
+
+    def _union(self, n):
+        return np.unique(np.concatenate([snippet_indices(n, L, self.F, self.stride).ravel() for L in self.levels]))
+
+    def _cached(self, index):
+        v, stat = self.videos[index], self.paths[index].stat()
+        key = json.dumps([v.id, stat.st_size, stat.st_mtime_ns, self.F, self.stride, self.levels,
+                          self.full.H, self.full.W])
+        base = f"{v.id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
+        npy, meta = self.cache_dir / f"{base}.npy", self.cache_dir / f"{base}.json"
+        if not npy.exists():
+            frames, n, _ = read_video(self.paths[index], lambda n, fps: self._union(n), (self.full.H, self.full.W))
+            _atomic_save(meta, lambda f: f.write(json.dumps(dict(num_frames=n, key=key)).encode()))
+            _atomic_save(npy, lambda f: np.save(f, frames))    # written last: its presence means complete
+        return np.load(npy, mmap_mode="r"), json.loads(meta.read_text())["num_frames"]
+
+
+def collate(batch):
+    """TALDataset items -> dict(frames uint8 (B, L, F, 3, H, W), segments [tensor (N, 2)], labels,
+    ids, durations float64 (B,), fidelity). Every item of a batch must share one fidelity."""
+    fids = {b["fidelity"] for b in batch}
+    if len(fids) != 1:
+        raise ValueError(f"a batch mixes fidelities {sorted(map(str, fids))}")
+    # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
+    return dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]),   # (B, L, F, 3, H, W)
+                segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch],
+                ids=[b["id"] for b in batch], fidelity=fids.pop(),
+                durations=torch.tensor([b["duration"] for b in batch], dtype=torch.float64))   # (B,)
+
+
+class ClipDataset(torch.utils.data.Dataset):
+    """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> (frames uint8
+    (F, 3, H, W), class index). Random position when training, drawn from (seed, epoch, index); centred otherwise."""
+    collate = staticmethod(torch.utils.data.default_collate)    # lofi.py's loader() takes a dataset's own collate
+
+    def __init__(self, videos, video_dir, classes, F, stride, size=(224, 224), train=True, seed=0):
+        self.videos, self.paths = _usable(videos, video_dir, classes)
+        self.items = [(i, j) for i, v in enumerate(self.videos) for j in range(len(v.segments))]
+        self.classes, self.F, self.stride, self.size = list(classes), F, stride, tuple(size)
+        self.train, self.seed, self.epoch = train, seed, 0
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, k):
+        i, j = self.items[k]
+        v, (start, end) = self.videos[i], self.videos[i].segments[j]
+        u = np.random.default_rng([self.seed, self.epoch, k]).random() if self.train else 0.5
+
+        def index_fn(n, fps):
+            first = min(int(start * fps), n - 1)
+            return clip_indices(first, max(first + 1, min(n, math.ceil(end * fps))), u, self.F, self.stride)
+        frames = read_video(self.paths[i], index_fn, self.size)[0]                         # (F, 3, H, W)
+        return torch.from_numpy(frames), self.classes.index(v.labels[j])
+
+
+class FidelityBatchSampler:
+    """Batches of (index, Fidelity), one fidelity per batch. All ranks draw the same permutation
+    (seed + epoch); step s's global batch is items [s G, (s + 1) G), G = batch_size_per_rank * world_size,
+    and rank r takes its r-th slice. Without drop_last the order is padded by repeating from its start
+    (like DistributedSampler) so every rank runs the same number of steps: de-duplicate by video id."""
+
+    def __init__(self, num_items, batch_size_per_rank, configs, cycle="long", c_l=1, c_s=16,
+                 rank=0, world_size=1, seed=0, shuffle=True, drop_last=True):
+        self.n, self.B, self.configs, self.cycle = num_items, batch_size_per_rank, list(configs), cycle
+        self.c_l, self.c_s, self.rank, self.world, self.seed = c_l, c_s, rank, world_size, seed
+        self.shuffle, self.epoch = shuffle, 0
+        G = batch_size_per_rank * world_size
+        self.steps = num_items // G if drop_last else -(-num_items // G)
+        if self.steps == 0:
+            raise ValueError(f"{num_items} items cannot fill one batch of {world_size} x {batch_size_per_rank}")
+        fidelity_at(self.configs, cycle, 0, 0, c_l, c_s)        # fail now on a bad cycle name
+
+    def set_epoch(self, epoch):
+        self.epoch = epoch
+
+    def __len__(self):
+        return self.steps
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
+        G = self.B * self.world
+        order = (order * -(-self.steps * G // self.n))[:self.steps * G]
+        for s in range(self.steps):
+            fid = fidelity_at(self.configs, self.cycle, self.epoch, self.epoch * self.steps + s, self.c_l, self.c_s)
+            start = s * G + self.rank * self.B
+            yield [(i, fid) for i in order[start:start + self.B]]
+
+
+# ----------------------------------------------------------------------------- synthetic dataset
+def synth(out_dir, videos=64, seed=0, fps=10, size=(64, 80)):
+    """Videos whose actions show only in motion: a still textured background and three textured
+    patches; during an action one patch moves (circular, horizontal or vertical oscillation), else
+    only sensor noise changes. Rest positions are uniform, so no single frame reveals an action."""
+    out_dir, (H, W) = Path(out_dir), size
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    database, P, M = {}, 12, 8                    # patch size, largest excursion (pixels)
+    x_lo = (W - H) // 2                           # keep the patches inside the centre H x H crop
+    for k in range(videos):
+        rng = np.random.default_rng([seed, k])
+        n = int(rng.integers(150, 301))
+        background = cv2.resize(rng.integers(40, 216, (H // 8, W // 8, 3), dtype=np.uint8), (W, H))
+        patches = rng.integers(0, 256, (3, 3, 3, 3), dtype=np.uint8).repeat(4, 1).repeat(4, 2)   # (3, P, P, 3)
+        rest = np.stack([rng.integers(M, H - M - P + 1, 3), rng.integers(x_lo + M, x_lo + H - M - P + 1, 3)], 1)
+        # 1-3 instances of 4-50 % of the video, at least 10 frames apart; classes take turns, so any
+        # three consecutive videos (hence the training subset of a small set) hold all of them.
+        lengths = (rng.uniform(0.04, 0.5, rng.integers(1, 4)) * n).astype(int)
+        lengths = (lengths * min(1.0, 0.8 * n / lengths.sum())).astype(int).clip(4)
+        gaps = np.floor(rng.dirichlet(np.ones(len(lengths) + 1)) * (n - lengths.sum() - 10 * (len(lengths) - 1)))
+        starts = np.cumsum(gaps[:-1].astype(int) + np.r_[0, lengths[:-1] + 10])
+        offset, notes = np.zeros((n, 3, 2)), []                                 # (n, patch, (dy, dx))
+        for j, (a, b) in enumerate(zip(starts, starts + lengths)):
+            cls = (k + j + seed) % 3
+            phi = 2 * np.pi * np.arange(b - a) / (rng.uniform(1.0, 2.0) * fps)  # a 1-2 s period
+            amp = rng.uniform(3, M / 2) if cls == 0 else rng.uniform(4, M)      # circle radius or swing
+            sin, cos, zero = amp * np.sin(phi), amp * (1 - np.cos(phi)), 0 * phi
+            offset[a:b, rng.integers(3)] = np.stack([[cos, sin], [zero, sin], [sin, zero]][cls], 1)
+            notes.append(dict(segment=[a / fps, b / fps], label=SYNTH_CLASSES[cls]))
+        noise = rng.normal(0, 2, (8, H, W, 3))
+        path = out_dir / "videos" / f"synth_{k:04d}.mp4"
+        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
+        if not writer.isOpened():
+            raise RuntimeError(f"{path}: OpenCV cannot write mp4v video")
+        for t in range(n):
+            frame = background.astype(np.float64)                               # (H, W, 3)
+            for p, (y, x) in enumerate(rest + np.round(offset[t]).astype(int)):
+                frame[y:y + P, x:x + P] = patches[p]
+            writer.write(np.clip(frame + noise[rng.integers(8)], 0, 255).astype(np.uint8))
+        writer.release()
+        subset = "validation" if k % 4 == 3 else "training"
+        database[f"synth_{k:04d}"] = dict(subset=subset, duration=n / fps, annotations=notes)
+    anno = dict(version="synthetic", taxonomy=[], database=database)
+    (out_dir / "anno.json").write_text(json.dumps(anno, indent=1))
+    return out_dir / "anno.json"
+
+
+# ----------------------------------------------------------------------------- command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
+    p.add_argument("out_dir")
+    p.add_argument("--videos", type=int, default=64, help="number of videos (3:1 training:validation)")
+    p.add_argument("--seed", type=int, default=0, help="the dataset is a pure function of the seed")
+    p = sub.add_parser("check", help="list every problem that would break or mislabel training")
+    p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON")
+    p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
+    p.add_argument("--subset", default=None, help="check only this subset (default: all)")
+    p.add_argument("--count", action="store_true", help="decode every frame, compare with the container (slow)")
+    args = parser.parse_args(argv)
+    if args.command == "synth":
+        anno = synth(args.out_dir, args.videos, args.seed)
+        print(f"{args.videos} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
+        return 0
+    everything, _ = read_annotations(args.anno)
+    videos, report = read_annotations(args.anno, args.subset)
+    training = [v for v in everything.values() if v.subset == "training"]
+    classes = class_names(training) if training else None
+    errors, warnings = check(videos.values(), args.videos, classes=classes, count=args.count)
+    warnings = report["problems"] + warnings
+    for line in [f"error: {e}" for e in errors] + [f"warning: {w}" for w in warnings]:
+        print(line)
+    print(f"{len(videos)} videos, {report['segments']} segments ({report['clipped']} clipped, "
+          f"{report['dropped']} dropped): {len(errors)} errors, {len(warnings)} warnings")
+    return 1 if errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

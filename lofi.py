@@ -1,0 +1,719 @@
+"""LoFi: low-fidelity end-to-end training of a video encoder for temporal action localization.
+
+Implements Xu et al., "Low-Fidelity Video Encoder Optimization for Temporal Action
+Localization" (NeurIPS 2021), Sec. 3.1 / Fig. 1, as three stages of one program:
+
+  --stage acp    (1) action-classification pre-training of the TSM encoder on trimmed clips
+  --stage lofi   (2) encoder + G-TAD head end to end on the TAL loss at low fidelity
+                     (S-, T-, ST-LoFi, Eq. 2-4, or the C-LoFi cycle, Sec. 3.2)
+  --stage head   (3) frozen encoder, full-fidelity features, a fresh G-TAD head, detections, mAP
+and two utilities: --stage plan (training memory of every fidelity) and --stage detect (one video).
+
+  python lofi.py --stage lofi --preset tiny --anno data/synth/anno.json --videos data/synth/videos \
+      --out runs/lofi --init runs/acp/last.pt                      # one process (CPU or one GPU)
+  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long --anno A.json --videos DIR \
+      --out runs/lofi --init runs/acp/last.pt                      # 4 GPUs, paper preset
+  python lofi.py --stage plan --preset tiny                         # needs no dataset
+`bash train.sh` runs the whole pipeline on a synthetic dataset on a CPU.
+"""
+import argparse
+import json
+import math
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+import data
+import evaluate
+import gtad
+import tsm
+
+# Defaults per preset; an explicit flag always wins. The paper does not state the number of
+# stage-2 epochs: 15 (three lr halvings) is our choice. Stage 3 follows G-TAD (10 epochs, lr x0.1
+# at 5) with an lr from the paper's search set {2e-4 ... 5e-3}.
+PRESETS = {
+    "paper": dict(snippets=100, frames=8, stride=8, size=224, batch_size=16, workers=8,
+                  acp_epochs=10, acp_lr=0.01, lofi_epochs=15, lofi_lr=0.1, lofi_step=5,
+                  head_epochs=10, head_lr=1e-3, head_step=5),
+    "tiny": dict(snippets=32, frames=4, stride=2, size=64, batch_size=4, workers=2,
+                 acp_epochs=6, acp_lr=0.05, lofi_epochs=3, lofi_lr=0.05, lofi_step=5,
+                 head_epochs=12, head_lr=2e-3, head_step=8),
+}
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    # stage and data
+    p.add_argument("--stage", required=True, choices=["acp", "lofi", "head", "plan", "detect"])
+    p.add_argument("--anno", help="ActivityNet/HACS-format annotation JSON")
+    p.add_argument("--videos", help="folder with <id>.mp4 or v_<id>.mp4 (mkv, webm, avi)")
+    p.add_argument("--out", default="runs/lofi", help="run folder: checkpoints, logs, features")
+    p.add_argument("--preset", default="paper", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU")
+    p.add_argument("--snippets", type=int, help="full-fidelity L (paper: 100)")
+    p.add_argument("--frames", type=int, help="frames per snippet F (paper: 8)")
+    p.add_argument("--stride", type=int, help="frame stride inside a snippet (paper: 8, i.e. a 64-frame window)")
+    p.add_argument("--size", type=int, help="full-fidelity frame side H = W (paper: 224)")
+    p.add_argument("--cache", help="frame cache folder (default: <out>/../cache); 'none' disables it")
+    # model
+    p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
+    p.add_argument("--init", default="none", help="none | imagenet | PATH (TSM release, torchvision or lofi checkpoint)")
+    # fidelity (stage 2)
+    p.add_argument("--fidelity", choices=["s", "t", "st"], help="one LoFi configuration (Eq. 2-4) instead of a cycle")
+    p.add_argument("--cycle", default="long", choices=["long", "short"], help="C-LoFi schedule (default long)")
+    p.add_argument("--c-l", type=int, default=1, help="long cycle: epochs per configuration")
+    p.add_argument("--c-s", type=int, default=16, help="short cycle: batches per configuration")
+    # optimisation
+    p.add_argument("--epochs", type=int, help="default: the preset's value for the stage")
+    p.add_argument("--batch-size", type=int, help="global batch (videos or clips), split over ranks")
+    p.add_argument("--lr", type=float, help="default: the preset's value for the stage")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast (no loss scaling needed)")
+    p.add_argument("--checkpoint-encoder", action="store_true", help="recompute encoder activations in backward")
+    p.add_argument("--freeze-bn", action="store_true", help="BatchNorm in eval mode (small per-GPU batches)")
+    # post-processing (stage 3, detect)
+    p.add_argument("--nms-sigma", type=float, default=0.84, help="soft-NMS exp(-iou^2/sigma); paper 0.84, G-TAD 0.8")
+    p.add_argument("--top-k", type=int, default=100, help="proposals kept per video")
+    p.add_argument("--video-scores", help="CUHK-format video-level class scores instead of our classifier")
+    # utilities
+    p.add_argument("--budget-gb", type=float, help="plan: memory per device to fit batches into")
+    p.add_argument("--plan-snippets", type=int, help="plan: snippets run through the encoder (memory scales linearly)")
+    p.add_argument("--video", help="detect: one video file")
+    p.add_argument("--run", help="detect: a stage-3 run folder")
+    # run control
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (tests, dry runs)")
+    args = p.parse_args(argv)
+    preset = PRESETS[args.preset]
+    for key in ("snippets", "frames", "stride", "size", "batch_size", "workers"):
+        if getattr(args, key) is None:
+            setattr(args, key, preset[key])
+    if args.stage in ("acp", "lofi", "head"):
+        for key in ("epochs", "lr"):
+            if getattr(args, key) is None:
+                setattr(args, key, preset[f"{args.stage}_{key}"])
+        args.lr_step = preset[f"{args.stage}_step"] if args.stage != "acp" else max(1, args.epochs // 2)
+        if not (args.anno and args.videos):
+            p.error(f"--stage {args.stage} needs --anno and --videos")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed
+def compute_init(args):
+    """One process, or one rank of a torchrun job (RANK set): returns (rank, world, device)."""
+    if "RANK" in os.environ:
+        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        if torch.cuda.is_available():
+            device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
+        else:
+            device = torch.device("cpu")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    else:
+        rank, world = 0, 1
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(args.seed + rank)
+    np.random.seed(args.seed + rank)
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    return rank, world, device
+
+
+def compute_cleanup():
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def print0(*a, **k):
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*a, **k, flush=True)
+
+
+def gather(obj):
+    """All ranks' python objects in a list (one element per rank)."""
+    if not dist.is_initialized():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+# ----------------------------------------------------------------------------- models
+class LoFiNet(nn.Module):
+    """The TAL model of Fig. 1: TSM encoder per snippet, then the G-TAD head over the L snippets."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, frames):                                        # (B, L, F, 3, H, W) uint8
+        return self.head(snippet_features(self.encoder, frames))      # maps (B, L, L)
+
+
+def snippet_features(encoder, frames):
+    """Snippet features (B, D, L) of frames (B, L, F, 3, H, W) uint8, as every stage feeds the head.
+
+    Each snippet's feature is layer-normalised without parameters: G-TAD has no normalisation of its
+    own, and the scale of an encoder's features depends on how it was trained (ours reach hundreds
+    after ACP from scratch), which saturates the head's sigmoids. The same rule holds in all stages.
+    """
+    B, L = frames.shape[:2]
+    x = encoder(tsm.normalize(frames.flatten(0, 1))).float()         # (B*L, D)
+    return F.layer_norm(x, x.shape[-1:]).view(B, L, -1).transpose(1, 2)   # (B, D, L)
+
+
+def build_encoder(args):
+    cfg = tsm.TSMConfig(depth=args.depth, checkpoint=args.checkpoint_encoder)
+    if args.init == "imagenet":
+        return tsm.imagenet_tsm(cfg)
+    if args.init != "none":
+        ck = torch.load(args.init, map_location="cpu", weights_only=True)
+        if "encoder_cfg" in ck:                       # a lofi checkpoint knows its own depth
+            cfg = tsm.TSMConfig(**{**ck["encoder_cfg"], "checkpoint": args.checkpoint_encoder})
+        encoder = tsm.TSM(cfg)
+        report = tsm.load_weights(encoder, args.init)
+        print0(f"encoder from {args.init}: {len(report['loaded'])} tensors, ignored {report['ignored']}")
+        return encoder
+    return tsm.TSM(cfg)
+
+
+def set_bn_eval(model):
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+def save_checkpoint(path, state):
+    """Write then rename, so a killed run never leaves a half-written checkpoint."""
+    tmp = Path(str(path) + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"cannot read checkpoint {path}: {e}") from None
+
+
+def plain_args(args):
+    return {k: v for k, v in vars(args).items()}
+
+
+def log_epoch(args, record):
+    print0(json.dumps(record))
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        with open(Path(args.out) / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def peak_memory(device):
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def loader(dataset, batch_sampler, args, device):
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers,
+                      collate_fn=getattr(dataset, "collate", None) or data.collate,
+                      pin_memory=device.type == "cuda", persistent_workers=False)
+
+
+def load_split(args, subset):
+    videos, report = data.read_annotations(args.anno, subset=subset)
+    if not videos:
+        raise SystemExit(f"{args.anno}: no videos in subset '{subset}'")
+    return [videos[k] for k in sorted(videos)], report
+
+
+def fidelity_grid(args):
+    """Full fidelity (Eq. 1) and the three LoFi configurations S, T, ST (Eq. 2-4)."""
+    full = data.Fidelity(args.snippets, args.size, args.size)
+    return full, data.c_lofi(full)
+
+
+def tal_dataset(args, videos):
+    full, lofis = fidelity_grid(args)
+    cache = None if args.cache == "none" else Path(args.cache or Path(args.out).parent / "cache")
+    # Every stage caches the frames of all four configurations at full resolution, so the one
+    # decoding pass of stage 2 also serves stage 3 and the baseline.
+    levels = sorted({f.L for f in [full, *lofis]})
+    return data.TALDataset(videos, args.videos, args.frames, args.stride, cache_dir=cache,
+                           cache_levels=levels, full=full)
+
+
+def batch_targets(segments, L, device):
+    """G-TAD labels for each video of a batch at this batch's temporal scale L."""
+    start, end, iou = zip(*(gtad.targets(s, L) for s in segments))
+    return torch.stack(start).to(device), torch.stack(end).to(device), torch.stack(iou).to(device)
+
+
+def loss_generator(args, rank, epoch, step, device):
+    """Seeded RNG of G-TAD's sampled regression loss: same draws on resume and in the parity test."""
+    g = torch.Generator(device=device)
+    g.manual_seed(((args.seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank)
+    return g
+
+
+def resume_state(args, model_parts, optimizer, scheduler):
+    """Restore a run from <out>/last.pt; returns the first epoch still to run."""
+    path = Path(args.out) / "last.pt"
+    if not args.resume:
+        return 0
+    if not path.exists():
+        raise SystemExit(f"--resume: no checkpoint at {path}")
+    ck = load_checkpoint(path)
+    if ck["stage"] != args.stage:
+        raise SystemExit(f"--resume: {path} is a '{ck['stage']}' checkpoint, not '{args.stage}'")
+    for name, module in model_parts.items():
+        module.load_state_dict(ck[name])
+    optimizer.load_state_dict(ck["optimizer"])
+    scheduler.load_state_dict(ck["scheduler"])
+    print0(f"resumed from {path} after epoch {ck['epoch']}")
+    return ck["epoch"]
+
+
+# ----------------------------------------------------------------------------- stage 1: ACP
+class ClipNet(nn.Module):
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder, self.fc = encoder, nn.Linear(encoder.dim, num_classes)
+
+    def forward(self, frames):                                        # (B, F, 3, H, W) uint8
+        return self.fc(self.encoder(tsm.normalize(frames)))           # (B, K)
+
+
+def stage_acp(args, rank, world, device):
+    train, _ = load_split(args, "training")
+    val, _ = load_split(args, "validation")
+    classes = data.class_names(train + val)
+    size = (args.size, args.size)
+    ds = data.ClipDataset(train, args.videos, classes, args.frames, args.stride, size=size, train=True, seed=args.seed)
+    val_ds = data.ClipDataset(val, args.videos, classes, args.frames, args.stride, size=size, train=False, seed=args.seed)
+    net = ClipNet(build_encoder(args), len(classes)).to(device)
+    model = DDP(net) if world > 1 else net
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.1)
+    start = resume_state(args, {"model": net}, opt, sched)
+    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    per_rank = args.batch_size // world
+    batches = torch.utils.data.BatchSampler(sampler, per_rank, drop_last=True)
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        ds.set_epoch(epoch)
+        model.train()
+        if args.freeze_bn:
+            set_bn_eval(net)
+        losses = []
+        for step, (frames, labels) in enumerate(tqdm(loader(ds, batches, args, device), disable=rank > 0,
+                                                     desc=f"acp {epoch}", leave=False)):
+            if args.max_steps and step >= args.max_steps:
+                break
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                loss = F.cross_entropy(model(frames.to(device, non_blocking=True)).float(), labels.to(device))
+            if not torch.isfinite(loss):
+                raise SystemExit(f"non-finite loss at epoch {epoch} step {step}")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        sched.step()
+        # Clip accuracy on the validation subset, each rank a disjoint stride of it (no padding).
+        net.eval()
+        shard = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))
+        right = torch.zeros(2, device=device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            for frames, labels in DataLoader(shard, batch_size=per_rank, num_workers=args.workers):
+                pred = net(frames.to(device)).argmax(1).cpu()
+                right += torch.tensor([(pred == labels).sum().item(), len(labels)], device=device)
+        if world > 1:
+            dist.all_reduce(right)
+        if rank == 0:
+            save_checkpoint(Path(args.out) / "last.pt", dict(
+                stage="acp", model=net.state_dict(), encoder=net.encoder.state_dict(),
+                encoder_cfg=asdict(net.encoder.cfg), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                epoch=epoch + 1, classes=classes, args=plain_args(args)))
+        log_epoch(args, dict(stage="acp", epoch=epoch, loss=float(np.mean(losses)) if losses else None,
+                             val_acc=(right[0] / right[1].clamp(min=1)).item(), lr=opt.param_groups[0]["lr"],
+                             time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
+
+
+# ----------------------------------------------------------------------------- stage 2: LoFi
+def stage_lofi(args, rank, world, device):
+    train, _ = load_split(args, "training")
+    full, lofis = fidelity_grid(args)
+    # Sec. 3.2: one configuration, or C-LoFi cycling S -> T -> ST; full fidelity is never used here.
+    configs = {"s": lofis[:1], "t": lofis[1:2], "st": lofis[2:]}.get(args.fidelity, lofis)
+    ds = tal_dataset(args, train)
+    encoder = build_encoder(args)
+    net = LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
+    model = DDP(net) if world > 1 else net
+    # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs.
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.0, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.5)
+    start = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched)
+    sampler = data.FidelityBatchSampler(len(ds), args.batch_size // world, configs, args.cycle, c_l=args.c_l,
+                                        c_s=args.c_s, rank=rank, world_size=world, seed=args.seed)
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        model.train()
+        if args.freeze_bn:
+            set_bn_eval(net)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sums, seen = {}, []
+        for step, batch in enumerate(tqdm(loader(ds, sampler, args, device), disable=rank > 0,
+                                          desc=f"lofi {epoch}", leave=False)):
+            if args.max_steps and step >= args.max_steps:
+                break
+            fid = batch["fidelity"]
+            start_t, end_t, iou = batch_targets(batch["segments"], fid.L, device)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                out = model(batch["frames"].to(device, non_blocking=True))    # maps (B, L, L)
+            losses = gtad.loss(out, start_t, end_t, iou, generator=loss_generator(args, rank, epoch, step, device))
+            if not torch.isfinite(losses["total"]):
+                raise SystemExit(f"non-finite loss at epoch {epoch} step {step}, videos {batch['ids']}")
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+            seen.append(str(fid))
+        sched.step()
+        if rank == 0:
+            save_checkpoint(Path(args.out) / "last.pt", dict(
+                stage="lofi", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
+                head=net.head.state_dict(), head_cfg=asdict(net.head.cfg), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(), epoch=epoch + 1, step=len(seen), args=plain_args(args),
+                schedule=dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])))
+        log_epoch(args, dict(stage="lofi", epoch=epoch, **{k: v / max(len(seen), 1) for k, v in sums.items()},
+                             lr=opt.param_groups[0]["lr"], fidelity=sorted(set(seen)), steps=len(seen),
+                             time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
+
+
+# ----------------------------------------------------------------------------- stage 3: head
+@torch.no_grad()
+def extract_features(args, encoder, videos, rank, world, device):
+    """Full-fidelity snippet features of every video, each rank a disjoint stride, gathered."""
+    full, _ = fidelity_grid(args)
+    ds = tal_dataset(args, videos)
+    per_rank = max(1, args.batch_size // world)
+    mine = list(range(rank, len(ds), world))
+    batches = [[(i, full) for i in mine[k:k + per_rank]] for k in range(0, len(mine), per_rank)]
+    feats = {}
+    for batch in tqdm(loader(ds, batches, args, device), disable=rank > 0, desc="features", leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            x = snippet_features(encoder, batch["frames"].to(device))                # (B, D, L)
+        feats.update(zip(batch["ids"], x.float().cpu()))
+    merged = {}
+    for part in gather(feats):
+        merged.update(part)
+    return merged
+
+
+def features_for(args, encoder, videos, rank, world, device):
+    """Features cached in the run folder, reused when encoder, fidelity and videos match."""
+    path = Path(args.out) / "features.pt"
+    init = Path(args.init)
+    key = dict(init=str(init.resolve()), mtime=init.stat().st_mtime if init.exists() else 0.0,
+               snippets=args.snippets, frames=args.frames, stride=args.stride, size=args.size,
+               ids=sorted(v.id for v in videos))
+    if path.exists():
+        cached = load_checkpoint(path)
+        if cached["key"] == key:
+            print0(f"features reused from {path}")
+            return cached["feats"]
+    feats = extract_features(args, encoder, videos, rank, world, device)
+    if rank == 0:
+        save_checkpoint(path, dict(key=key, feats=feats))
+    return feats
+
+
+def train_video_classifier(feats, videos, classes, seed):
+    """Video-level classes for the class assignment of Sec. 3.3: a linear layer on pooled features."""
+    x = torch.stack([torch.cat([feats[v.id].mean(1), feats[v.id].amax(1)]) for v in videos])   # (N, 2D)
+    y = torch.zeros(len(videos), len(classes))                                                 # (N, K)
+    for i, v in enumerate(videos):
+        for label in v.labels:
+            y[i, classes.index(label)] = 1.0
+    torch.manual_seed(seed)
+    clf = nn.Sequential(nn.LayerNorm(x.shape[1]), nn.Linear(x.shape[1], len(classes)))
+    opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
+    for _ in range(300):
+        loss = F.binary_cross_entropy_with_logits(clf(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return clf
+
+
+def video_class_scores(clf, feat):
+    with torch.no_grad():
+        return torch.sigmoid(clf(torch.cat([feat.mean(1), feat.amax(1)])[None]))[0].numpy()
+
+
+def stage_head(args, rank, world, device):
+    if args.init in ("none", "imagenet") and not Path(args.init).exists():
+        print0("stage head: the encoder is frozen, so --init should name a stage-1 or stage-2 checkpoint")
+    train, _ = load_split(args, "training")
+    val, _ = load_split(args, "validation")
+    classes = data.class_names(train + val)
+    encoder = build_encoder(args).to(device).eval()
+    feats = features_for(args, encoder, train + val, rank, world, device)
+    L = args.snippets
+    x = torch.stack([feats[v.id] for v in train])                                      # (N, D, L)
+    labels = [batch_targets([data_segments(v)], L, "cpu") for v in train]
+    start_t, end_t, iou = (torch.cat(t) for t in zip(*labels))                          # (N, L), (N, L), (N, L, L)
+    head = gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim)).to(device)
+    model = DDP(head) if world > 1 else head
+    # G-TAD recipe (spec Sec. 4): Adam, weight decay 1e-4, lr x 0.1 after 5 of 10 epochs.
+    opt = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.1)
+    start = resume_state(args, {"head": head}, opt, sched)
+    ds = torch.utils.data.TensorDataset(x, start_t, end_t, iou)
+    sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
+    clf = train_video_classifier(feats, train, classes, args.seed)
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        sums, n = {}, 0
+        for step, (xb, sb, eb, ib) in enumerate(DataLoader(ds, batch_size=args.batch_size // world, sampler=sampler,
+                                                           drop_last=True)):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                out = model(xb.to(device))
+            losses = gtad.loss(out, sb.to(device), eb.to(device), ib.to(device),
+                               generator=loss_generator(args, rank, epoch, step, device))
+            if not torch.isfinite(losses["total"]):
+                raise SystemExit(f"non-finite loss at epoch {epoch} step {step}")
+            opt.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            opt.step()
+            n += 1
+            for k, v in losses.items():
+                sums[k] = sums.get(k, 0.0) + v.item()
+        sched.step()
+        if rank == 0:
+            save_checkpoint(Path(args.out) / "last.pt", dict(
+                stage="head", encoder=encoder.state_dict(), encoder_cfg=asdict(encoder.cfg), head=head.state_dict(),
+                head_cfg=asdict(head.cfg), video_classifier=clf.state_dict(), classes=classes,
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, args=plain_args(args)))
+        log_epoch(args, dict(stage="head", epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
+                             lr=opt.param_groups[0]["lr"], time=round(time.time() - t0, 2)))
+    if rank == 0:
+        detect_and_evaluate(args, head.eval(), clf, feats, val, classes, device)
+
+
+def data_segments(video):
+    """A video's segments as fractions of its duration, (N, 2) float32, for gtad.targets."""
+    return torch.from_numpy(video.segments / video.duration).float().clamp(0, 1)
+
+
+def detections_for(head, feat, duration, class_scores, class_names, args, device):
+    with torch.no_grad():
+        out = head(feat[None].to(device))
+    one = {k: v[0].float().cpu() for k, v in out.items()}
+    segments, scores = gtad.decode(one, duration, sigma=args.nms_sigma, top_k=args.top_k)
+    return gtad.assign_classes(segments, scores, class_scores, class_names, top=2)
+
+
+def detect_and_evaluate(args, head, clf, feats, val, classes, device):
+    external = gtad.read_video_scores(args.video_scores) if args.video_scores else None
+    results = {}
+    for v in val:
+        if external:
+            if v.id not in external[0]:
+                raise SystemExit(f"{args.video_scores}: no video-level scores for video {v.id}")
+            scores, names = external[0][v.id], external[1]
+        else:
+            scores, names = video_class_scores(clf, feats[v.id]), classes
+        results[v.id] = detections_for(head, feats[v.id], v.duration, scores, names, args, device)
+    out = Path(args.out)
+    with open(out / "detections.json", "w") as f:
+        json.dump(dict(version="VERSION 1.3", results=results, external_data={}), f)
+    if any(results.values()):
+        per_tiou, average = evaluate.detection_map(args.anno, str(out / "detections.json"), subset="validation")
+    else:                      # a head that scores everything 0 decodes nothing: that is mAP 0, not bad input
+        print0("warning: no detections for any validation video")
+        per_tiou, average = np.zeros(len(evaluate.THRESHOLDS)), 0.0
+    metrics = {f"mAP@{t:.2f}": float(m) for t, m in zip(evaluate.THRESHOLDS, per_tiou)}
+    metrics["average-mAP"] = float(average)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    print0(" | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k[-4:] in ("0.50", "0.75", "0.95", "-mAP")))
+
+
+# ----------------------------------------------------------------------------- utilities
+def saved_bytes(fn, params):
+    """Run fn() and count the bytes autograd keeps for backward (each storage once), leaving out the
+    weights (counted as fixed) and G-TAD's sparse alignment matrices (constants shared by all videos)."""
+    storages, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t):
+        if t.layout == torch.strided and t.untyped_storage().data_ptr() not in skip:
+            s = t.untyped_storage()
+            storages[s.data_ptr()] = s.nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(storages.values())
+
+
+def step_cost(fn, params, device, amp):
+    """Bytes held for backward (CUDA: peak allocated) and seconds of one forward + backward of fn."""
+    for _ in range(2):                         # the first run warms up allocators and caches
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out, held = saved_bytes(fn, params)
+        out.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            held = torch.cuda.max_memory_allocated(device) - base
+        seconds = time.perf_counter() - t0
+    return held, seconds
+
+
+def measure(args, fid, device, checkpoint, amp, snippets):
+    """Memory per video, seconds per video and fixed memory of a training step at fidelity fid.
+
+    Memory per video is the marginal cost: the encoder runs on k and 2k snippets (snippets are
+    independent, so it scales exactly by L / k), the head on 1 and 2 videos at the configuration's L.
+    What does not grow with the batch (weights, gradients, bf16 weight copies) is the fixed part.
+    """
+    encoder = tsm.TSM(tsm.TSMConfig(depth=args.depth, checkpoint=checkpoint)).to(device).train()
+    head = gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim)).to(device).train()
+    labels = batch_targets([torch.tensor([[0.2, 0.5], [0.6, 0.9]])], fid.L, device)
+
+    def run_encoder(n):
+        frames = torch.randint(0, 256, (n, args.frames, 3, fid.H, fid.W), dtype=torch.uint8, device=device)
+        return step_cost(lambda: encoder(tsm.normalize(frames)).float().square().mean(),
+                         list(encoder.parameters()), device, amp)
+
+    def run_head(b):
+        feats = torch.randn(b, encoder.dim, fid.L, device=device, requires_grad=True)      # (b, D, L)
+        return step_cost(lambda: gtad.loss(head(feats), *(t.expand(b, *t.shape[1:]) for t in labels))["total"],
+                         list(head.parameters()), device, amp)
+    (e1, te), (e2, _) = run_encoder(snippets), run_encoder(2 * snippets)
+    (h1, th), (h2, _) = run_head(1), run_head(2)
+    per_snippet, per_head = (e2 - e1) / snippets, h2 - h1
+    weights = 2 * sum(p.numel() * p.element_size() for p in [*encoder.parameters(), *head.parameters()])
+    fixed = weights + max(0.0, e1 - per_snippet * snippets) + max(0.0, h1 - per_head)
+    return per_snippet * fid.L + per_head, te * fid.L / snippets + th, fixed
+
+
+def stage_plan(args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    full, lofis = fidelity_grid(args)
+    configs = [("full", full), *zip(("S", "T", "ST"), lofis)]
+    variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
+        [(args.checkpoint_encoder, args.amp)]
+    rows = []
+    for name, fid in tqdm(configs, desc="plan", leave=False):
+        snippets = min(fid.L, args.plan_snippets or (25 if device.type == "cuda" else 4))
+        for ckpt, amp in variants:
+            per_video, seconds, fixed = measure(args, fid, device, ckpt, amp, snippets)
+            rows.append(dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=snippets,
+                             mib_per_video=per_video / 2**20, s_per_video=seconds, fixed_mib=fixed / 2**20))
+    print0(f"device {device}: memory per video = marginal activation memory of a training step (encoder on "
+           f"{rows[0]['snippets_run']} and {2 * rows[0]['snippets_run']} snippets, scaled to L; head at L); "
+           f"fixed {rows[0]['fixed_mib']:.0f} MiB (weights, grads)")
+    print0("| config | L x H x W | ckpt | amp | MiB / video | x full | s / video | fits |")
+    print0("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ref = next(q for q in rows if q["config"] == "full" and (q["checkpoint"], q["amp"]) == (r["checkpoint"], r["amp"]))
+        r["ratio"] = r["mib_per_video"] / ref["mib_per_video"]
+        if args.budget_gb:
+            r["fits"] = max(0, int((args.budget_gb * 1024 - r["fixed_mib"]) // r["mib_per_video"]))
+        print0(f"| {r['config']} | {r['fidelity']} | {r['checkpoint']} | {r['amp']} | {r['mib_per_video']:.0f} | "
+               f"{r['ratio']:.2f} | {r['s_per_video']:.2f} | {r.get('fits', '-')} |")
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "plan.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def stage_detect(args):
+    """Detections and a timeline picture for one video file, from a stage-3 run folder."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    run = Path(args.run or args.out)
+    ck = load_checkpoint(run / "last.pt")
+    if ck.get("stage") != "head":
+        raise SystemExit(f"{run / 'last.pt'} is not a stage-3 (head) checkpoint")
+    encoder = tsm.TSM(tsm.TSMConfig(**ck["encoder_cfg"]))
+    encoder.load_state_dict(ck["encoder"])
+    head = gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"]))
+    head.load_state_dict(ck["head"])
+    clf = nn.Sequential(nn.LayerNorm(2 * encoder.dim), nn.Linear(2 * encoder.dim, len(ck["classes"])))
+    clf.load_state_dict(ck["video_classifier"])
+    trained = argparse.Namespace(**ck["args"])
+    for k in ("snippets", "frames", "stride", "size"):
+        setattr(args, k, getattr(trained, k))
+    full, _ = fidelity_grid(args)
+    frames, duration = data.read_snippets(args.video, full, args.frames, args.stride)   # (L, F, 3, H, W)
+    encoder, head = encoder.to(device).eval(), head.to(device).eval()
+    with torch.no_grad():
+        feat = snippet_features(encoder, frames[None].to(device))[0].cpu()               # (D, L)
+    dets = detections_for(head, feat, duration, video_class_scores(clf, feat), ck["classes"], args, device)
+    stem = Path(args.video).stem
+    (run / f"detect_{stem}.json").write_text(json.dumps(dict(video=args.video, duration=duration, detections=dets)))
+    truth = []
+    if args.anno:
+        videos, _ = data.read_annotations(args.anno)
+        vid = stem[2:] if stem.startswith("v_") and stem[2:] in videos else stem
+        if vid in videos:
+            truth = [dict(label=lab, segment=list(seg)) for seg, lab in zip(videos[vid].segments, videos[vid].labels)]
+    draw_timeline(run / f"detect_{stem}.png", duration, truth, dets[:10])
+    print0(f"{len(dets)} detections -> {run / f'detect_{stem}.json'}, {run / f'detect_{stem}.png'}")
+    return dets
+
+
+def draw_timeline(path, duration, truth, dets, width=1000, row=26):
+    """Ground truth (green) above the top detections (blue, shade = score), on one time axis."""
+    import cv2
+    rows = [("GT " + t["label"], t["segment"], 1.0, (60, 170, 60)) for t in truth] + \
+           [(f"{d['label']} {d['score']:.2f}", d["segment"], d["score"], (200, 110, 40)) for d in dets]
+    img = np.full((row * (len(rows) + 1) + 10, width, 3), 255, np.uint8)
+    x = lambda t: int(10 + (width - 20) * min(max(t / max(duration, 1e-6), 0.0), 1.0))
+    cv2.line(img, (10, row // 2), (width - 10, row // 2), (0, 0, 0), 1)
+    cv2.putText(img, f"0 s ... {duration:.1f} s", (12, row // 2 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    for i, (text, (t0, t1), score, colour) in enumerate(rows, start=1):
+        y = row * i + 4
+        shade = tuple(int(255 - (255 - c) * (0.3 + 0.7 * score)) for c in colour)
+        cv2.rectangle(img, (x(t0), y), (max(x(t1), x(t0) + 1), y + row - 6), shade, -1)
+        cv2.putText(img, text, (x(t0) + 3, y + row - 11), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.imwrite(str(path), img)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.stage == "plan":
+        return stage_plan(args)
+    if args.stage == "detect":
+        if not args.video:
+            raise SystemExit("--stage detect needs --video FILE (and --run RUN_DIR of a stage-3 run)")
+        return stage_detect(args)
+    rank, world, device = compute_init(args)
+    try:
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        print0(json.dumps(plain_args(args)))
+        if rank == 0:
+            (Path(args.out) / "args.json").write_text(json.dumps(plain_args(args), indent=1))
+        dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, rank, world, device)
+    finally:
+        compute_cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,370 @@
+"""Tests for data.py: snippet indices against hand cases and an exact-fraction loop, decoding against
+a video whose frame k shows k in binary, fidelity sizes and schedules, the batch sampler across epochs
+and ranks, bad input, the synthetic dataset (check CLI + motion), and cache on/off parity."""
+import json
+import pickle
+import subprocess
+import sys
+from fractions import Fraction
+from math import floor
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+import data
+from data import Fidelity
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = Fidelity(32, 64, 64)
+PAPER = Fidelity(100, 224, 224)
+
+
+# ----------------------------------------------------------------------------- snippet indices
+def test_snippet_indices_hand_cases():
+    # Long video, exactly L windows: snippet i covers frames [8i, 8i + 8), frames at 8i + 1, 3, 5, 7.
+    np.testing.assert_array_equal(data.snippet_indices(256, 32, F=4, stride=2), 8 * np.arange(32)[:, None] + [1, 3, 5, 7])
+    # Paper: 64-frame windows at stride 8 -> offsets 4, 12, ..., 60 inside each window.
+    idx = data.snippet_indices(6400, 100, F=8, stride=8)
+    assert idx.dtype == np.int64 and idx.shape == (100, 8)
+    np.testing.assert_array_equal(idx[[0, 99]], [np.arange(4, 64, 8), 6336 + np.arange(4, 64, 8)])
+    # Short video: centres 1.25, 3.75, 6.25, 8.75, offsets -3, -1, 1, 3, floored and clipped to [0, 9].
+    np.testing.assert_array_equal(data.snippet_indices(10, 4, F=4, stride=2),
+                                  [[0, 0, 2, 4], [0, 2, 4, 6], [3, 5, 7, 9], [5, 7, 9, 9]])
+    np.testing.assert_array_equal(data.snippet_indices(1, 5, F=3, stride=4), np.zeros((5, 3)))
+    with pytest.raises(ValueError):
+        data.snippet_indices(0, 5)
+
+
+def test_snippet_indices_match_exact_fraction_loop():
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        n, L, F, s = (int(x) for x in rng.integers([1, 1, 1, 1], [5000, 120, 9, 9]))
+        centre = [Fraction(2 * i + 1, 2) * Fraction(n, L) for i in range(L)]            # exact rationals
+        offset = [s * Fraction(2 * f + 1, 2) - Fraction(F * s, 2) for f in range(F)]
+        ref = [[min(max(floor(c + o), 0), n - 1) for o in offset] for c in centre]
+        np.testing.assert_array_equal(data.snippet_indices(n, L, F, s), ref)
+
+
+def test_clip_indices():
+    # Instance [100, 200), window 8 frames at stride 2: centred -> 147, 149, 151, 153; u = 0 / 1 -> the ends.
+    np.testing.assert_array_equal(data.clip_indices(100, 200, 0.5, 4, 2), [147, 149, 151, 153])
+    np.testing.assert_array_equal(data.clip_indices(100, 200, 0.0, 4, 2), [101, 103, 105, 107])
+    np.testing.assert_array_equal(data.clip_indices(100, 200, 1.0, 4, 2), [193, 195, 197, 199])
+    # A 3-frame instance shorter than the window repeats its frames.
+    np.testing.assert_array_equal(data.clip_indices(10, 13, 0.9, 4, 2), [10, 10, 12, 12])
+
+
+# ----------------------------------------------------------------------------- fidelity and schedules
+def test_fidelity_sizes():
+    assert data.c_lofi(PAPER) == [Fidelity(100, 112, 112), Fidelity(25, 224, 224), Fidelity(50, 158, 158)]
+    assert data.c_lofi(TINY) == [Fidelity(32, 32, 32), Fidelity(8, 64, 64), Fidelity(16, 46, 46)]
+    assert [str(f) for f in [PAPER, *data.c_lofi(PAPER)]] == ["100x224x224", "100x112x112", "25x224x224", "50x158x158"]
+    # Sec. 3.2: per-video cost L * H * W stays within ~25 % of S-LoFi's across the grid.
+    cost = [f.L * f.H * f.W for f in data.c_lofi(PAPER)]
+    assert max(cost) / min(cost) < 1.25
+
+
+def test_long_and_short_cycles():
+    S, T, ST = data.c_lofi(TINY)
+    assert [data.fidelity_at([S, T, ST], "long", e, 999) for e in range(7)] == [S, T, ST, S, T, ST, S]
+    assert [data.fidelity_at([S, T, ST], "long", e, 0, c_l=2) for e in range(7)] == [S, S, T, T, ST, ST, S]
+    short = [data.fidelity_at([S, T, ST], "short", 5, s, c_s=16) for s in range(100)]
+    assert short == ([S] * 16 + [T] * 16 + [ST] * 16) * 2 + [S] * 4
+    assert data.fidelity_at([TINY], "short", 3, 77) == TINY
+    with pytest.raises(ValueError):
+        data.fidelity_at([S], "medium", 0, 0)
+
+
+# ----------------------------------------------------------------------------- batch sampler
+def run_sampler(epoch, **kw):
+    s = data.FidelityBatchSampler(**kw)
+    s.set_epoch(epoch)
+    return list(s), len(s)
+
+
+def test_sampler_across_ranks_and_epochs():
+    S, T, ST = configs = data.c_lofi(TINY)
+    kw = dict(num_items=37, batch_size_per_rank=3, configs=configs, cycle="short", c_s=4, world_size=2, seed=5)
+    # 37 // 6 = 6 steps an epoch; the short cycle counts global steps: epoch 1 runs steps 6..11.
+    expected = {0: [S, S, S, S, T, T], 1: [T, T, ST, ST, ST, ST], 2: [S] * 4 + [T] * 2}
+    orders = []
+    for epoch in range(3):
+        (b0, n0), (b1, n1) = run_sampler(epoch, rank=0, **kw), run_sampler(epoch, rank=1, **kw)
+        assert n0 == n1 == len(b0) == len(b1) == 6
+        for x, y in zip(b0, b1):
+            assert len(x) == len(y) == 3 and len({f for _, f in x + y}) == 1 and x[0][1] == y[0][1]
+        assert [b[0][1] for b in b0] == expected[epoch]
+        seen = [i for b in b0 + b1 for i, _ in b]
+        assert len(set(seen)) == len(seen) == 36                      # disjoint across ranks and steps
+        # One rank with the global batch sees exactly the union of the two ranks' batches.
+        single, _ = run_sampler(epoch, **{**kw, "world_size": 1, "batch_size_per_rank": 6})
+        assert [sorted(i for i, _ in b) for b in single] == [sorted(i for i, _ in x + y) for x, y in zip(b0, b1)]
+        assert run_sampler(epoch, rank=0, **kw)[0] == b0                # reproducible
+        orders.append(seen)
+    assert orders[0] != orders[1]
+    long, _ = run_sampler(4, rank=1, **{**kw, "cycle": "long"})
+    assert {f for b in long for _, f in b} == {T}
+
+
+def test_sampler_evaluation_pads_like_distributed_sampler():
+    kw = dict(num_items=7, batch_size_per_rank=2, configs=[TINY], cycle="long", world_size=2, shuffle=False, drop_last=False)
+    (b0, n0), (b1, n1) = run_sampler(0, rank=0, **kw), run_sampler(0, rank=1, **kw)
+    assert n0 == n1 == 2
+    assert [[i for i, _ in b] for b in b0] == [[0, 1], [4, 5]]
+    assert [[i for i, _ in b] for b in b1] == [[2, 3], [6, 0]]        # padded with a repeat of item 0
+    with pytest.raises(ValueError):
+        data.FidelityBatchSampler(5, 3, [TINY], world_size=2)
+
+
+# ----------------------------------------------------------------------------- decoding
+def write_counter_video(path, n, fourcc="mp4v", fps=10):
+    """Frame k shows k in binary: 7 bit blocks (white = 1) and one red block, in the centre 64 x 64
+    of a 96 x 64 frame; the 16-pixel side bands (grey) must be cropped away."""
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*fourcc), fps, (96, 64))
+    for k in range(n):
+        frame = np.full((64, 96, 3), 128, np.uint8)
+        for b in range(8):
+            y, x = 32 * (b // 4), 16 + 16 * (b % 4)
+            frame[y:y + 32, x:x + 16] = (0, 0, 255) if b == 7 else 255 * ((k >> b) & 1)   # BGR red
+        writer.write(frame)
+    writer.release()
+
+
+def read_counter(frames):
+    """(..., 3, 32, 32) RGB frames decoded at 32 x 32 -> the number each shows (block = 8 x 16)."""
+    cells = np.asarray(frames).reshape(*frames.shape[:-3], 3, 2, 16, 4, 8).mean((-3, -1))    # (..., 3, 2, 4)
+    assert (cells[..., 0, 1, 3] > 200).all() and (cells[..., 2, 1, 3] < 60).all()             # red in RGB order
+    bits = (cells.reshape(*frames.shape[:-3], 3, 8)[..., :7].mean(-2) > 128).astype(int)      # (..., 7)
+    return (bits << np.arange(7)).sum(-1)
+
+
+def test_decoded_frames_are_the_frames_at_the_indices(tmp_path):
+    path = tmp_path / "counter.mp4"
+    write_counter_video(path, 90)
+    frames, n, fps = data.read_video(path, lambda n, fps: data.snippet_indices(n, 7, F=3, stride=4), (32, 32))
+    assert (n, fps) == (90, 10) and frames.shape == (7, 3, 3, 32, 32) and frames.dtype == np.uint8
+    np.testing.assert_array_equal(read_counter(frames), data.snippet_indices(90, 7, F=3, stride=4))
+    clip, duration = data.read_snippets(path, Fidelity(5, 32, 32), F=2, stride=3)
+    assert clip.shape == (5, 2, 3, 32, 32) and duration == 9.0
+    np.testing.assert_array_equal(read_counter(clip.numpy()), data.snippet_indices(90, 5, 2, 3))
+
+
+def test_container_over_reporting(tmp_path):
+    """A truncated MJPG .avi keeps its header's frame count: slightly short -> indices recomputed from
+    the true count; far short -> an error naming the file."""
+    whole = tmp_path / "whole.avi"
+    write_counter_video(whole, 100, fourcc="MJPG")
+    blob = whole.read_bytes()
+    short, broken = tmp_path / "short.avi", tmp_path / "broken.avi"
+    short.write_bytes(blob[:int(len(blob) * 0.92)])
+    broken.write_bytes(blob[:len(blob) // 2])
+    _, stated, _ = data.open_video(short)
+    cap, true = cv2.VideoCapture(str(short)), 0
+    while cap.grab():
+        true += 1
+    assert stated == 100 and 90 <= true < 100
+    frames, n, _ = data.read_video(short, lambda n, fps: data.snippet_indices(n, 10, 2, 4), (32, 32))
+    assert n == true
+    np.testing.assert_array_equal(read_counter(frames), data.snippet_indices(true, 10, 2, 4))
+    with pytest.raises(data.VideoError, match="broken.avi.*stream ends"):
+        data.read_video(broken, lambda n, fps: data.snippet_indices(n, 10, 2, 4), (32, 32))
+
+
+def test_bad_files_and_annotations(tmp_path):
+    (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
+    with pytest.raises(data.VideoError, match="garbage.mp4.*cannot open"):
+        data.read_video(tmp_path / "garbage.mp4", lambda n, fps: [0], (32, 32))
+    cv2.VideoWriter(str(tmp_path / "empty.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64)).release()
+    with pytest.raises(data.VideoError, match="empty.avi: the container states 0 frames"):
+        data.read_video(tmp_path / "empty.avi", lambda n, fps: [0], (32, 32))
+    with pytest.raises(FileNotFoundError, match=r"nothere.*tried .*nothere\.mp4.*v_nothere\.avi"):
+        data.find_video(tmp_path, "nothere")
+    (tmp_path / "v_prefixed.webm").write_bytes(b"")
+    assert data.find_video(tmp_path, "prefixed").name == "v_prefixed.webm"
+
+    bad = tmp_path / "bad.json"
+    for text, pattern in [("{not json", "bad.json: not valid JSON"), ('{"videos": {}}', "bad.json: no 'database'"),
+                          ('{"database": {"abc": {"duration": 5, "annotations": [{"segment": ["x", 2], "label": "a"}]}}}',
+                           "bad.json: video abc: malformed"),
+                          ('{"database": {"abc": {"annotations": []}}}', "bad.json: video abc: malformed"),
+                          ('{"database": {"abc": [1, 2]}}', "bad.json: video abc: malformed")]:
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=pattern):
+            data.read_annotations(bad)
+
+
+def test_read_annotations_hand_case(tmp_path):
+    path = tmp_path / "a.json"
+    path.write_text(json.dumps({"database": {
+        "v_abcdefghijk": {"subset": "training", "duration": 10.0, "annotations": [
+            {"segment": [-1.0, 3.0], "label": "b"}, {"segment": [4.0, 12.0], "label": "a"},
+            {"segment": [11.0, 13.0], "label": "a"}, {"segment": [5.0, 5.0], "label": "a"},
+            {"segment": [2, 6], "label": "c"}]},
+        "xyz": {"subset": "validation", "duration": 4.0, "annotations": []}}}))
+    videos, report = data.read_annotations(path)
+    v = videos["abcdefghijk"]
+    np.testing.assert_array_equal(v.segments, [[0, 3], [4, 10], [2, 6]])
+    assert v.labels == ["b", "a", "c"] and v.segments.dtype == np.float64
+    assert (report["videos"], report["segments"], report["clipped"], report["dropped"]) == (2, 3, 2, 2)
+    assert data.class_names(videos) == ["a", "b", "c"]
+    assert list(data.read_annotations(path, "validation")[0]) == ["xyz"]
+
+
+def test_read_real_activitynet(anet_annotations):
+    videos, report = data.read_annotations(anet_annotations)
+    # 215 segments run past the stated duration; 12 are empty ([0, 0], [t, t]): 227 in all.
+    assert (report["videos"], report["clipped"], report["dropped"]) == (14377, 215, 12)
+    assert report["segments"] == 22152 - 12 and len(report["problems"]) == 227
+    assert "v_UmAH95xls" in videos and "UmAH95xls" not in videos
+    for v in videos.values():
+        assert (v.segments[:, 0] >= 0).all() and (v.segments[:, 1] <= v.duration).all()
+        assert (v.segments[:, 1] > v.segments[:, 0]).all() and len(v.labels) == len(v.segments)
+    assert len(data.read_annotations(anet_annotations, "validation")[0]) == 4728
+    assert len(data.class_names(videos)) == 200
+
+
+# ----------------------------------------------------------------------------- synthetic dataset
+def cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], capture_output=True, text=True)
+
+
+@pytest.fixture(scope="module")
+def synth_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth")
+    assert cli("synth", out, "--videos", 6, "--seed", 3).returncode == 0
+    return out
+
+
+def test_synth_passes_check_and_check_finds_problems(synth_set, tmp_path):
+    result = cli("check", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--count")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "6 videos" in result.stdout and "0 errors" in result.stdout
+    anno = json.loads((synth_set / "anno.json").read_text())
+    assert {e["subset"] for e in anno["database"].values()} == {"training", "validation"}
+    # Break a copy: one file missing, one garbage, one duration off, one empty label.
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    ids = sorted(anno["database"])
+    for vid in ids[2:]:
+        (videos / f"{vid}.mp4").write_bytes((synth_set / "videos" / f"{vid}.mp4").read_bytes())
+    (videos / f"{ids[1]}.mp4").write_bytes(b"not a video")
+    anno["database"][ids[2]]["duration"] += 5.0
+    anno["database"][ids[3]]["annotations"][0]["label"] = ""
+    (tmp_path / "anno.json").write_text(json.dumps(anno))
+    result = cli("check", "--anno", tmp_path / "anno.json", "--videos", videos)
+    assert result.returncode == 1
+    errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 4 and "4 errors" in result.stdout
+    for vid, what in zip(ids, ["no video file", "cannot open", "annotated", "empty label"]):
+        assert any(vid in line and what in line for line in errors), (vid, what, errors)
+
+
+def test_synth_is_a_function_of_the_seed(synth_set, tmp_path):
+    data.synth(tmp_path / "same", videos=2, seed=3)
+    data.synth(tmp_path / "other", videos=2, seed=4)
+    for vid in ["synth_0000", "synth_0001"]:
+        assert (tmp_path / "same/videos" / f"{vid}.mp4").read_bytes() == (synth_set / "videos" / f"{vid}.mp4").read_bytes()
+        assert (tmp_path / "other/videos" / f"{vid}.mp4").read_bytes() != (synth_set / "videos" / f"{vid}.mp4").read_bytes()
+    first_two = {k: v for k, v in json.loads((synth_set / "anno.json").read_text())["database"].items() if k < "synth_0002"}
+    assert json.loads((tmp_path / "same/anno.json").read_text())["database"] == first_two
+
+
+def test_synth_actions_show_only_in_motion(synth_set):
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    assert set(data.class_names(videos)) <= set(data.SYNTH_CLASSES)
+    for v in videos.values():
+        frames, n, fps = data.read_video(data.find_video(synth_set / "videos", v.id), lambda n, fps: np.arange(n), (64, 64))
+        assert abs(n / fps - v.duration) < 1e-6 and 1 <= len(v.segments) <= 3
+        moving = (np.abs(np.diff(frames.astype(int), axis=0)).max(1) > 40).mean((1, 2))    # (n - 1,)
+        inside = np.zeros(n, bool)
+        for s, e in np.round(v.segments * fps).astype(int):
+            inside[s:e] = True
+        # Between still frames nothing but noise changes; during an action a patch moves.
+        assert moving[~inside[1:] & ~inside[:-1]].max() < 0.002
+        assert moving[inside[1:] & inside[:-1]].mean() > 0.005
+
+
+# ----------------------------------------------------------------------------- datasets
+def test_cache_on_and_off_give_identical_batches(synth_set, tmp_path, monkeypatch):
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    plain = data.TALDataset(videos, synth_set / "videos", 4, 2, full=TINY)
+    cached = data.TALDataset(videos, synth_set / "videos", 4, 2, cache_dir=tmp_path, full=TINY)
+    items = [(i, f) for i in range(len(plain)) for f in [TINY, *data.c_lofi(TINY)]]
+    first = [cached[it] for it in items]
+    for it, got in zip(items, first):
+        ref = plain[it]
+        assert got["frames"].shape == (it[1].L, 4, 3, it[1].H, it[1].W) and got["frames"].dtype == torch.uint8
+        assert torch.equal(got["frames"], ref["frames"]) and torch.equal(got["segments"], ref["segments"])
+        assert got["id"] == ref["id"] and got["fidelity"] == it[1]
+    assert len(list(tmp_path.glob("*.npy"))) == len(plain) and data.cache_size(tmp_path) > 0
+    # Second read, by a fresh dataset on the same folder: no decoding at all.
+    monkeypatch.setattr(data, "read_video", lambda *a: pytest.fail("decoded despite the cache"))
+    again = data.TALDataset(videos, synth_set / "videos", 4, 2, cache_dir=tmp_path, full=TINY)
+    for it, got in zip(items, first):
+        assert torch.equal(again[it]["frames"], got["frames"])
+
+
+def test_tal_items_and_two_worker_loader(synth_set):
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    ds = data.TALDataset(videos, synth_set / "videos", 4, 2, full=TINY)
+    item = ds[0]
+    v = ds.videos[0]
+    np.testing.assert_allclose(item["segments"].numpy(), v.segments / v.duration, rtol=1e-6)
+    assert item["labels"] == v.labels and item["fidelity"] == TINY
+    # ST-LoFi frames are the same snippets at full resolution, shrunk by INTER_AREA (reference: HWC resize;
+    # 64 -> 46 because at an exact halving INTER_LINEAR would give the same numbers).
+    ST = data.st_lofi(TINY)
+    full = ds[(0, Fidelity(ST.L, 64, 64))]["frames"].permute(0, 1, 3, 4, 2).reshape(-1, 64, 64, 3).numpy()
+    ref = np.stack([cv2.resize(f, (ST.W, ST.H), interpolation=cv2.INTER_AREA) for f in full])
+    np.testing.assert_array_equal(ds[(0, ST)]["frames"].permute(0, 1, 3, 4, 2).reshape(-1, 46, 46, 3).numpy(), ref)
+    pickle.loads(pickle.dumps(ds))
+    sampler = data.FidelityBatchSampler(len(ds), 2, data.c_lofi(TINY), "short", c_s=1, seed=1)
+    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=data.collate)
+    batches = list(loader)
+    assert len(batches) == 3 and [b["fidelity"] for b in batches] == data.c_lofi(TINY)
+    for b, idx in zip(batches, sampler):
+        f = b["fidelity"]
+        assert b["frames"].shape == (2, f.L, 4, 3, f.H, f.W) and b["durations"].dtype == torch.float64
+        assert b["ids"] == [ds.videos[i].id for i, _ in idx]
+        assert torch.equal(b["frames"][1], ds[idx[1]]["frames"])
+
+
+def test_broken_video_is_reported_not_swapped(synth_set, tmp_path):
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    ids = sorted(videos)
+    for vid in ids:
+        (tmp_path / f"{vid}.mp4").write_bytes((synth_set / "videos" / f"{vid}.mp4").read_bytes())
+    (tmp_path / f"{ids[0]}.mp4").write_bytes(b"\0" * 1000)
+    ds = data.TALDataset([videos[i] for i in ids], tmp_path, 4, 2, full=TINY)
+    with pytest.raises(data.VideoError, match=f"{tmp_path / ids[0]}.mp4: OpenCV/FFmpeg cannot open it"):
+        ds[0]
+    (tmp_path / f"{ids[1]}.mp4").unlink()
+    with pytest.raises(ValueError, match=f"{ids[1]}: no video file"):
+        data.TALDataset([videos[i] for i in ids], tmp_path, 4, 2, full=TINY)
+
+
+def test_clip_dataset(synth_set):
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    classes = data.class_names(videos)
+    train = data.ClipDataset(videos, synth_set / "videos", classes, 4, 2, size=(32, 32), train=True, seed=0)
+    assert len(train) == sum(len(v.segments) for v in videos.values())
+    frames, label = train[0]
+    assert frames.shape == (4, 3, 32, 32) and frames.dtype == torch.uint8
+    batch_frames, batch_labels = train.collate([train[0], train[1]])
+    assert batch_frames.shape == (2, 4, 3, 32, 32) and batch_labels.tolist() == [label, train[1][1]]
+    assert classes[label] == train.videos[train.items[0][0]].labels[train.items[0][1]]
+    draws = []
+    for epoch in (0, 0, 1):
+        train.set_epoch(epoch)
+        draws.append(torch.stack([train[k][0] for k in range(len(train))]))
+    assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
+    val = data.ClipDataset(videos, synth_set / "videos", classes, 4, 2, size=(32, 32), train=False)
+    val.set_epoch(3)
+    first = val[0][0]
+    val.set_epoch(0)
+    assert torch.equal(first, val[0][0])
+    with pytest.raises(ValueError, match="not a training class"):
+        data.ClipDataset(videos, synth_set / "videos", classes[:1], 4, 2)

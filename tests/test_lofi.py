@@ -1,0 +1,142 @@
+"""lofi.py: the three stages end to end on synthetic videos, DDP parity, exact resume, bad data."""
+import json
+import os
+import subprocess
+import sys
+
+import cv2
+import pytest
+import torch
+
+import data
+import gtad
+import lofi
+from conftest import ROOT
+
+# Small enough for seconds a stage on a CPU: 12 snippets x 2 frames x 32^2 at full fidelity.
+SMALL = ["--preset", "tiny", "--snippets", "12", "--frames", "2", "--stride", "2", "--size", "32",
+         "--batch-size", "2", "--workers", "0", "--seed", "3"]
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    data.synth(root, videos=8, seed=1)
+    return ["--anno", str(root / "anno.json"), "--videos", str(root / "videos")]
+
+
+def params(path, key):
+    return torch.load(path, map_location="cpu", weights_only=True)[key]
+
+
+def test_three_stages_in_sequence(synth, tmp_path):
+    lofi.main(["--stage", "acp", *SMALL, *synth, "--out", str(tmp_path / "acp"), "--epochs", "1"])
+    lofi.main(["--stage", "lofi", *SMALL, *synth, "--out", str(tmp_path / "lofi"), "--epochs", "3",
+               "--init", str(tmp_path / "acp" / "last.pt")])
+    lofi.main(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "head"), "--epochs", "2",
+               "--init", str(tmp_path / "lofi" / "last.pt")])
+    log = [json.loads(line) for line in open(tmp_path / "lofi" / "log.jsonl")]
+    # Long C-LoFi: one configuration per epoch, S -> T -> ST, never full fidelity (12x32x32).
+    assert [r["fidelity"] for r in log] == [["12x16x16"], ["3x32x32"], ["6x22x22"]]
+    assert all(r["total"] > 0 for r in log)
+    # The LoFi encoder really changed and stage 3 really used it (frozen, so identical there).
+    acp, lofi_enc, head_enc = (params(tmp_path / d / "last.pt", "encoder") for d in ("acp", "lofi", "head"))
+    k = "layer4.1.conv2.weight"
+    assert not torch.equal(acp[k], lofi_enc[k]) and torch.equal(lofi_enc[k], head_enc[k])
+    dets = json.load(open(tmp_path / "head" / "detections.json"))["results"]
+    anno = json.load(open(synth[1]))["database"]
+    assert set(dets) == {v for v, a in anno.items() if a["subset"] == "validation"}
+    for vid, found in dets.items():
+        assert 0 < len(found) <= 2 * 100
+        for d in found:
+            assert 0 <= d["segment"][0] <= d["segment"][1] <= anno[vid]["duration"] + 1e-6
+    metrics = json.load(open(tmp_path / "head" / "metrics.json"))
+    assert 0.0 <= metrics["average-mAP"] <= 1.0 and len(metrics) == 11
+    # Features are reused when encoder, fidelity and videos match.
+    mtime = os.path.getmtime(tmp_path / "head" / "features.pt")
+    lofi.main(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "head"), "--epochs", "1",
+               "--init", str(tmp_path / "lofi" / "last.pt")])
+    assert os.path.getmtime(tmp_path / "head" / "features.pt") == mtime
+    # Stage detect on one validation video: JSON with detections, a timeline PNG of the drawn size.
+    vid = sorted(dets)[0]
+    video = data.find_video(synth[3], vid)
+    found = lofi.main(["--stage", "detect", "--run", str(tmp_path / "head"), "--video", str(video),
+                       "--anno", synth[1]])
+    assert found and json.load(open(tmp_path / "head" / f"detect_{video.stem}.json"))["detections"] == found
+    png = cv2.imread(str(tmp_path / "head" / f"detect_{video.stem}.png"))
+    rows = len(anno[vid]["annotations"]) + min(10, len(found))
+    assert png.shape == (26 * (rows + 1) + 10, 1000, 3)
+
+
+def test_resume_equals_uninterrupted(synth, tmp_path):
+    common = ["--stage", "lofi", *SMALL, *synth, "--max-steps", "2"]
+    lofi.main([*common, "--out", str(tmp_path / "straight"), "--epochs", "2"])
+    lofi.main([*common, "--out", str(tmp_path / "resumed"), "--epochs", "1"])
+    lofi.main([*common, "--out", str(tmp_path / "resumed"), "--epochs", "2", "--resume"])
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "resumed"))
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
+    """DDP's averaged gradient = the mean of the two per-rank batches' gradients, same RNG draws.
+
+    The G-TAD loss is not a sum over videos, so the reference is not one big batch but two
+    per-rank batches, each with its rank's generator, gradients accumulated and halved."""
+    argv = ["--stage", "lofi", *SMALL, *synth, "--batch-size", "4", "--max-steps", "1", "--epochs", "1",
+            "--freeze-bn", "--cycle", "short", "--out", str(tmp_path / "ddp")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "lofi.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    args = lofi.get_args(argv)
+    torch.manual_seed(args.seed)                      # rank 0's initial weights, which DDP broadcasts
+    net = lofi.LoFiNet(enc := lofi.build_encoder(args), gtad.GTAD(gtad.GTADConfig(feat_dim=enc.dim)))
+    net.train()
+    lofi.set_bn_eval(net)
+    train, _ = lofi.load_split(args, "training")
+    args.cache = "none"
+    ds = lofi.tal_dataset(args, train)
+    _, configs = lofi.fidelity_grid(args)
+    for rank in (0, 1):
+        sampler = data.FidelityBatchSampler(len(ds), 2, configs, "short", rank=rank, world_size=2, seed=args.seed)
+        sampler.set_epoch(0)
+        batch = data.collate([ds[i] for i in next(iter(sampler))])
+        labels = lofi.batch_targets(batch["segments"], batch["fidelity"].L, "cpu")
+        losses = gtad.loss(net(batch["frames"]), *labels, generator=lofi.loss_generator(args, rank, 0, 0, "cpu"))
+        (losses["total"] / 2).backward()
+    with torch.no_grad():
+        for p in net.parameters():
+            p -= args.lr * (p.grad + 1e-4 * p)
+    ddp = torch.load(tmp_path / "ddp" / "last.pt", weights_only=True)
+    for part, module in (("encoder", net.encoder), ("head", net.head)):
+        for k, v in module.state_dict().items():
+            torch.testing.assert_close(ddp[part][k], v, rtol=1e-4, atol=1e-6, msg=f"{part}.{k}")
+
+
+def test_broken_video_stops_the_run_with_its_id(synth, tmp_path):
+    anno = json.load(open(synth[1]))
+    victim = sorted(v for v, a in anno["database"].items() if a["subset"] == "training")[0]
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for f in os.listdir(synth[3]):
+        os.symlink(os.path.join(synth[3], f), videos / f)
+    target = next(videos.glob(f"*{victim}.*"))
+    target.unlink()
+    target.write_bytes(b"\x00not a video" * 100)
+    with pytest.raises(Exception, match=victim):
+        lofi.main(["--stage", "lofi", *SMALL, "--anno", synth[1], "--videos", str(videos), "--cache", "none",
+                   "--out", str(tmp_path / "run"), "--epochs", "1"])
+
+
+def test_plan_reports_all_four_configurations(tmp_path):
+    rows = lofi.main(["--stage", "plan", "--preset", "tiny", "--snippets", "12", "--frames", "2", "--size", "32",
+                      "--budget-gb", "1", "--out", str(tmp_path)])
+    assert [r["config"] for r in rows[::4]] == ["full", "S", "T", "ST"]
+    assert all(r["mib_per_video"] > 0 and r["fits"] >= 1 for r in rows)
+    # Recomputing encoder activations holds less for backward than keeping them.
+    plain = next(r for r in rows if r["config"] == "full" and not r["checkpoint"] and not r["amp"])
+    ckpt = next(r for r in rows if r["config"] == "full" and r["checkpoint"] and not r["amp"])
+    assert ckpt["mib_per_video"] < plain["mib_per_video"]

@@ -1,0 +1,25 @@
+"""train.sh: its arguments are checked before any stage runs."""
+import subprocess
+
+from conftest import ROOT
+
+
+def train_sh(*args):
+    return subprocess.run(["bash", str(ROOT / "train.sh"), *args], capture_output=True, text=True, timeout=60)
+
+
+def test_missing_annotation_file_stops_with_a_clear_message(tmp_path):
+    r = train_sh("--anno", str(tmp_path / "nope.json"), "--videos", str(tmp_path), "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "annotation file" in r.stderr and "nope.json" in r.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bad_flags_are_refused(tmp_path):
+    for args, words in ((["--preset", "huge"], "--preset"), (["--nproc", "0"], "--nproc"),
+                        (["--frobnicate"], "unknown argument")):
+        r = train_sh(*args, "--out", str(tmp_path / "runs"))
+        assert r.returncode == 2 and words in r.stderr, (args, r.stderr)
+    anno = tmp_path / "a.json"
+    anno.write_text("{}")
+    r = train_sh("--anno", str(anno), "--videos", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "video folder" in r.stderr

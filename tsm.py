@@ -1,0 +1,266 @@
+"""TSM video encoder: torchvision ResNet-18/34/50 with a temporal shift in every residual block.
+
+The LoFi paper (Sec. 3.3, "Implementation details"; Sec. 4.6) uses a ResNet-based TSM
+(Lin et al., ICCV 2019) as the video encoder; TSM-R18 is the default. A snippet of F frames
+is folded into the batch, every residual branch sees 1/8 of its channels from the next
+frame and 1/8 from the previous one (the official `blockres` placement, zero padded at the
+clip ends), and the pooled per-frame features are averaged into one D-vector per snippet.
+Parameter names are torchvision's, with the official `.net.` infix on each shifted conv1,
+so released TSM checkpoints and torchvision weights load through one mapping function.
+
+Used from lofi.py (`TSM`, `load_weights`, `imagenet_tsm`). Check a weights file by hand:
+    python tsm.py PATH/TO/weights.pth [--depth 18]
+Tests (CPU, seconds):
+    python -m pytest -q tests/test_tsm.py
+"""
+import argparse
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torchvision
+from torch.utils.checkpoint import checkpoint
+
+# The ImageNet statistics that torchvision's and the official TSM weights were trained with (RGB).
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def normalize(x):
+    """uint8 RGB frames (..., 3, H, W) -> float32 (..., 3, H, W): /255, minus MEAN, over STD."""
+    if x.dtype != torch.uint8:
+        raise TypeError(f"normalize expects uint8 frames, got {x.dtype}")
+    if x.dim() < 3 or x.shape[-3] != 3:
+        raise ValueError(f"normalize expects (..., 3, H, W) RGB frames, got shape {tuple(x.shape)}")
+    mean = torch.tensor(MEAN, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    std = torch.tensor(STD, device=x.device).view(3, 1, 1)  # (3, 1, 1)
+    return (x.float() / 255 - mean) / std  # (..., 3, H, W)
+
+
+@dataclass
+class TSMConfig:
+    depth: int = 18  # ResNet-18, 34 or 50 (the paper's TSM-R18 default, Sec. 4.6 for 34/50)
+    shift_div: int = 8  # 1/shift_div of the channels move each way; 0 turns the shift off (plain TSN)
+    checkpoint: bool = False  # recompute activations in backward (memory-bound end-to-end stage)
+
+
+def temporal_shift(x, n_frames, shift_div):
+    """(N*F, C, H, W) -> (N*F, C, H, W); channels [0, fold) take frame t+1, [fold, 2 fold) frame t-1.
+
+    Zeros enter at each clip's ends, so clips folded into one batch never see each other.
+    Out of place: shifting in place would also change the identity path of the block.
+    Slice copies into zeros_like (not torch.cat) keep a channels_last input channels_last.
+    """
+    if shift_div == 0:
+        return x
+    NF, C, H, W = x.shape
+    if NF % n_frames:
+        raise ValueError(f"batch of {NF} frames is not a whole number of {n_frames}-frame clips")
+    fold = C // shift_div
+    x = x.view(NF // n_frames, n_frames, C, H, W)  # (N, F, C, H, W)
+    out = torch.zeros_like(x)  # (N, F, C, H, W), same memory format as x
+    out[:, :-1, :fold] = x[:, 1:, :fold]  # the future frame
+    out[:, 1:, fold:2 * fold] = x[:, :-1, fold:2 * fold]  # the past frame
+    out[:, :, 2 * fold:] = x[:, :, 2 * fold:]
+    return out.view(NF, C, H, W)  # (N*F, C, H, W)
+
+
+class TemporalShift(nn.Module):
+    """Shift, then the block's conv1 (`net`): TSM's residual-branch ("blockres") placement.
+
+    `n_frames` is set by TSM before every forward from the input's shape: no global state,
+    so clips of any length can follow each other, and recomputation sees the right value.
+    """
+
+    def __init__(self, net, shift_div):
+        super().__init__()
+        self.net, self.shift_div, self.n_frames = net, shift_div, None
+
+    def forward(self, x):  # (N*F, C, H, W)
+        if self.n_frames is None:
+            raise RuntimeError("TemporalShift.n_frames is unset; call it through TSM.forward")
+        return self.net(temporal_shift(x, self.n_frames, self.shift_div))
+
+
+@contextmanager
+def restore_buffers(modules):
+    """Undo whatever the body does to the modules' buffers.
+
+    Used around the recomputation in backward: BatchNorm in training mode updates
+    running_mean / running_var / num_batches_tracked on every forward, so without this a
+    checkpointed step would update them twice. The recomputed outputs do not depend on
+    them (training mode normalises with the batch statistics). Switching the updates off
+    instead (track_running_stats=False) changes what BatchNorm saves for backward, which
+    checkpoint rejects as a non-deterministic recomputation.
+    """
+    buffers = [b for module in modules for b in module.buffers()]
+    saved = [b.clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def recompute_context(modules):
+    """checkpoint's context_fn: the forward runs as usual, the recomputation restores the buffers."""
+    return nullcontext(), restore_buffers(modules)
+
+
+class TSM(nn.Module):
+    """forward(x: (N, F, 3, H, W) normalised frames) -> (N, D) snippet features, D = self.dim."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        if cfg.depth not in (18, 34, 50):
+            raise ValueError(f"TSM depth must be 18, 34 or 50, got {cfg.depth}")
+        if cfg.shift_div < 0:
+            raise ValueError(f"shift_div must be >= 0 (0 = no shift), got {cfg.shift_div}")
+        self.cfg = cfg
+        resnet = getattr(torchvision.models, f"resnet{cfg.depth}")(weights=None)
+        self.dim = resnet.fc.in_features  # 512 (R18/34) or 2048 (R50); the fc itself is dropped
+        # Same attribute names as torchvision, so parameter names match its state dicts.
+        self.conv1, self.bn1, self.relu, self.maxpool = (resnet.conv1, resnet.bn1, resnet.relu,
+                                                         resnet.maxpool)
+        self.layer1, self.layer2, self.layer3, self.layer4 = (resnet.layer1, resnet.layer2,
+                                                              resnet.layer3, resnet.layer4)
+        for layer in self.layers():
+            for block in layer:
+                block.conv1 = TemporalShift(block.conv1, cfg.shift_div)
+
+    def layers(self):
+        return [self.layer1, self.layer2, self.layer3, self.layer4]
+
+    def segments(self):
+        """The units of activation checkpointing: the stem, then each residual block.
+
+        Measured on one 8-frame 224^2 clip, fp32 (notes/bench_tsm.py), saved for backward
+        with no checkpointing / per block / per stage: R18 192 / 33 / 21 MiB, R50 827 / 176 /
+        54 MiB. Per stage holds less, but backward recomputes one unit at a time and a whole
+        stage is large, so the peak is not lower: CUDA peak of a 16-clip R18 step 3056 / 1612 /
+        1613 MiB, of an 8-clip R50 step 6658 / 1959 / 2946 MiB (H200). Per block keeps the
+        peak at one block for every depth, for the same price (about one extra forward). The
+        stem is its own unit because its 112^2 maps are the largest activations.
+        """
+        yield [self.conv1, self.bn1, self.relu, self.maxpool]
+        for layer in self.layers():
+            for block in layer:
+                yield [block]
+
+    @staticmethod
+    def run_segment(modules, x, n_frames):  # (N*F, C, H, W) -> (N*F, C', H', W')
+        # n_frames is set here, inside the checkpointed function, so that a recomputation
+        # after a later forward with another F still shifts with this clip's F.
+        for module in modules:
+            for m in module.modules():
+                if isinstance(m, TemporalShift):
+                    m.n_frames = n_frames
+            x = module(x)
+        return x
+
+    def forward(self, x):  # (N, F, 3, H, W)
+        if x.dim() != 5 or x.shape[2] != 3:
+            raise ValueError(f"TSM expects (N, F, 3, H, W) frames, got shape {tuple(x.shape)}")
+        N, F = x.shape[:2]
+        h = x.flatten(0, 1)  # (N*F, 3, H, W), frame-major per clip
+        for modules in self.segments():
+            if self.cfg.checkpoint and torch.is_grad_enabled():
+                h = checkpoint(self.run_segment, modules, h, F, use_reentrant=False,
+                               context_fn=partial(recompute_context, modules))
+            else:
+                h = self.run_segment(modules, h, F)
+        h = h.mean((2, 3))  # (N*F, D) per-frame features
+        # The official model averages per-frame logits; its fc is linear, so averaging the
+        # features first and applying a classifier afterwards gives the same result.
+        return h.view(N, F, -1).mean(1)  # (N, D)
+
+
+def load_state(model, state, source):
+    """Load `state` (any accepted key grammar) into `model`; strict, with errors that name `source`."""
+    # Compare names in the plain torchvision grammar: drop DataParallel's `module.`, TSN's
+    # `base_model.` and the blockres wrapper's `conv1.net.`. Other `.net.` infixes (the
+    # official `block` placement, temporal pooling) are different models and stay unexpected.
+    def plain(key):
+        for prefix in ("module.", "base_model."):
+            key = key.removeprefix(prefix)
+        return key.replace(".conv1.net.", ".conv1.")
+
+    target = model.state_dict()
+    ours = {plain(k): k for k in target}
+    mapped, found, ignored, unexpected, mismatched = {}, set(), [], [], []
+    for key, value in state.items():
+        name = plain(key)
+        if name.startswith(("fc.", "new_fc.")):  # a classifier head: the encoder has none
+            ignored.append(key)
+        elif name not in ours:
+            unexpected.append(key)
+        elif value.shape != target[ours[name]].shape:
+            found.add(ours[name])
+            mismatched.append(f"{key} {tuple(value.shape)} vs model {tuple(target[ours[name]].shape)}")
+        else:
+            found.add(ours[name])
+            mapped[ours[name]] = value
+    # Pre-2018 PyTorch files lack BatchNorm's num_batches_tracked; it does not affect outputs.
+    missing = [k for k in target if k not in found and not k.endswith("num_batches_tracked")]
+    problems = [f"{what} ({len(keys)}): {', '.join(keys[:10])}{' ...' if len(keys) > 10 else ''}"
+                for what, keys in (("missing", missing), ("unexpected", unexpected),
+                                   ("shape mismatch", mismatched)) if keys]
+    if problems:
+        raise ValueError(f"{source}: weights do not fit TSM-R{model.cfg.depth}; " + "; ".join(problems))
+    model.load_state_dict({**target, **mapped}, strict=True)
+    return dict(loaded=sorted(mapped), ignored=ignored)
+
+
+def load_weights(model, path):
+    """Load an official TSM release, a torchvision ResNet state dict or this project's checkpoint.
+
+    Returns dict(loaded=[model keys], ignored=[file keys of classifier heads]).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, not a torch file, pickled objects: all unusable
+        raise ValueError(f"{path}: cannot read weights file ({type(e).__name__}: {e})") from e
+    if isinstance(ckpt, dict) and "encoder" in ckpt:  # this project's checkpoint (lofi.py)
+        cfg = ckpt.get("encoder_cfg") or {}
+        if cfg.get("depth", model.cfg.depth) != model.cfg.depth:
+            raise ValueError(f"{path}: checkpoint holds a TSM-R{cfg['depth']} encoder but the model is "
+                             f"TSM-R{model.cfg.depth}; build it with TSMConfig(**ckpt['encoder_cfg'])")
+        if cfg.get("shift_div", model.cfg.shift_div) != model.cfg.shift_div:
+            warnings.warn(f"{path}: encoder trained with shift_div={cfg['shift_div']}, "
+                          f"loading into shift_div={model.cfg.shift_div}")
+        state = ckpt["encoder"]
+    elif isinstance(ckpt, dict) and "state_dict" in ckpt:  # official TSM release (main.py)
+        state = ckpt["state_dict"]
+    else:  # a bare state dict (torchvision)
+        state = ckpt
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: not a state dict of tensors (got {type(state).__name__})")
+    return load_state(model, state, path)
+
+
+def imagenet_tsm(cfg):
+    """TSM initialised from torchvision's ImageNet weights (downloaded; needs a network).
+
+    IMAGENET1K_V1 is what the official TSM training started from (torchvision's pretrained=True).
+    """
+    weights = getattr(torchvision.models, f"ResNet{cfg.depth}_Weights").IMAGENET1K_V1
+    model = TSM(cfg)
+    load_state(model, weights.get_state_dict(progress=True, weights_only=True), weights.url)
+    return model
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description="Check that a weights file loads into TSM.")
+    parser.add_argument("path", help="official TSM .pth, torchvision state dict or lofi.py checkpoint")
+    parser.add_argument("--depth", type=int, default=18, help="ResNet depth of the file: 18, 34 or 50")
+    args = parser.parse_args()
+    report = load_weights(TSM(TSMConfig(depth=args.depth)), args.path)
+    print(f"loaded {len(report['loaded'])} tensors; ignored {report['ignored']}")
