@@ -452,13 +452,14 @@ def synth(out_dir, videos=64, seed=0, fps=10, size=(64, 80)):
     only sensor noise changes. Rest positions are uniform, so no single frame reveals an action."""
     out_dir, (H, W) = Path(out_dir), size
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    database, P, M = {}, 12, 8                    # patch size, largest excursion (pixels)
+    database, P, M = {}, 16, 10                   # patch size, largest excursion (pixels)
     x_lo = (W - H) // 2                           # keep the patches inside the centre H x H crop
     for k in range(videos):
         rng = np.random.default_rng([seed, k])
         n = int(rng.integers(150, 301))
-        background = cv2.resize(rng.integers(40, 216, (H // 8, W // 8, 3), dtype=np.uint8), (W, H))
-        patches = rng.integers(0, 256, (3, 3, 3, 3), dtype=np.uint8).repeat(4, 1).repeat(4, 2)   # (3, P, P, 3)
+        # High-contrast checkered patches on a soft background: easy to see, hard to see moving.
+        background = cv2.resize(rng.integers(70, 186, (H // 8, W // 8, 3), dtype=np.uint8), (W, H))
+        patches = (255 * rng.integers(0, 2, (3, 4, 4, 3))).astype(np.uint8).repeat(4, 1).repeat(4, 2)   # (3, P, P, 3)
         rest = np.stack([rng.integers(M, H - M - P + 1, 3), rng.integers(x_lo + M, x_lo + H - M - P + 1, 3)], 1)
         # 1-3 instances of 4-50 % of the video, at least 10 frames apart; classes take turns, so any
         # three consecutive videos (hence the training subset of a small set) hold all of them.
@@ -469,8 +470,8 @@ def synth(out_dir, videos=64, seed=0, fps=10, size=(64, 80)):
         offset, notes = np.zeros((n, 3, 2)), []                                 # (n, patch, (dy, dx))
         for j, (a, b) in enumerate(zip(starts, starts + lengths)):
             cls = (k + j + seed) % 3
-            phi = 2 * np.pi * np.arange(b - a) / (rng.uniform(1.0, 2.0) * fps)  # a 1-2 s period
-            amp = rng.uniform(3, M / 2) if cls == 0 else rng.uniform(4, M)      # circle radius or swing
+            phi = 2 * np.pi * np.arange(b - a) / (rng.uniform(0.8, 1.6) * fps)  # a 0.8-1.6 s period
+            amp = rng.uniform(4, M / 2) if cls == 0 else rng.uniform(5, M)      # circle radius or swing
             sin, cos, zero = amp * np.sin(phi), amp * (1 - np.cos(phi)), 0 * phi
             offset[a:b, rng.integers(3)] = np.stack([[cos, sin], [zero, sin], [sin, zero]][cls], 1)
             notes.append(dict(segment=[a / fps, b / fps], label=SYNTH_CLASSES[cls]))

@@ -58,8 +58,10 @@ def valid_mask(L, device=None):
 
 def knn(x, k):
     """Indices of the k nearest nodes by Euclidean distance, the node itself first."""
-    sq = (x * x).sum(1)  # (B, L)
-    neg_dist = 2 * x.transpose(1, 2) @ x - sq[:, :, None] - sq[:, None, :]  # (B, L, L)
+    with torch.autocast(x.device.type, enabled=False):  # bf16 distances would pick other neighbours
+        x = x.float()
+        sq = (x * x).sum(1)  # (B, L)
+        neg_dist = 2 * x.transpose(1, 2) @ x - sq[:, :, None] - sq[:, None, :]  # (B, L, L)
     return neg_dist.topk(k, dim=-1).indices  # (B, L, k)
 
 

@@ -17,6 +17,7 @@ and two utilities: --stage plan (training memory of every fidelity) and --stage 
 `bash train.sh` runs the whole pipeline on a synthetic dataset on a CPU.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -46,8 +47,8 @@ PRESETS = {
                   acp_epochs=10, acp_lr=0.01, lofi_epochs=15, lofi_lr=0.1, lofi_step=5,
                   head_epochs=10, head_lr=1e-3, head_step=5),
     "tiny": dict(snippets=32, frames=4, stride=2, size=64, batch_size=4, workers=2,
-                 acp_epochs=6, acp_lr=0.05, lofi_epochs=3, lofi_lr=0.05, lofi_step=5,
-                 head_epochs=12, head_lr=2e-3, head_step=8),
+                 acp_epochs=10, acp_lr=0.01, lofi_epochs=6, lofi_lr=0.05, lofi_step=5,
+                 head_epochs=20, head_lr=2e-3, head_step=15),
 }
 
 
@@ -63,7 +64,8 @@ def get_args(argv=None):
     p.add_argument("--frames", type=int, help="frames per snippet F (paper: 8)")
     p.add_argument("--stride", type=int, help="frame stride inside a snippet (paper: 8, i.e. a 64-frame window)")
     p.add_argument("--size", type=int, help="full-fidelity frame side H = W (paper: 224)")
-    p.add_argument("--cache", help="frame cache folder (default: <out>/../cache); 'none' disables it")
+    p.add_argument("--cache", help="frame cache folder, or 'none' (tiny: <out>/../cache; paper: none, it takes "
+                   "~200 MB a video at 224^2)")
     # model
     p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
     p.add_argument("--init", default="none", help="none | imagenet | PATH (TSM release, torchvision or lofi checkpoint)")
@@ -95,6 +97,8 @@ def get_args(argv=None):
     p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (tests, dry runs)")
     args = p.parse_args(argv)
     preset = PRESETS[args.preset]
+    if args.cache is None:
+        args.cache = str(Path(args.out).parent / "cache") if args.preset == "tiny" else "none"
     for key in ("snippets", "frames", "stride", "size", "batch_size", "workers"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -111,8 +115,11 @@ def get_args(argv=None):
 # ----------------------------------------------------------------------------- distributed
 def compute_init(args):
     """One process, or one rank of a torchrun job (RANK set): returns (rank, world, device)."""
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     if "RANK" in os.environ:
-        rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
         if torch.cuda.is_available():
             device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
             torch.cuda.set_device(device)
@@ -120,12 +127,10 @@ def compute_init(args):
             device = torch.device("cpu")
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     else:
-        rank, world = 0, 1
+        rank = 0
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
-    if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     return rank, world, device
 
 
@@ -177,8 +182,8 @@ def build_encoder(args):
     if args.init == "imagenet":
         return tsm.imagenet_tsm(cfg)
     if args.init != "none":
-        ck = torch.load(args.init, map_location="cpu", weights_only=True)
-        if "encoder_cfg" in ck:                       # a lofi checkpoint knows its own depth
+        ck = load_checkpoint(args.init)
+        if isinstance(ck, dict) and "encoder_cfg" in ck:                       # a lofi checkpoint knows its own depth
             cfg = tsm.TSMConfig(**{**ck["encoder_cfg"], "checkpoint": args.checkpoint_encoder})
         encoder = tsm.TSM(cfg)
         report = tsm.load_weights(encoder, args.init)
@@ -201,14 +206,16 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
+    if not Path(path).is_file():
+        raise SystemExit(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"cannot read checkpoint {path}: {e}") from None
+    except Exception as e:             # truncated, not a torch file, or pickled code: all unusable
+        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
 def plain_args(args):
-    return {k: v for k, v in vars(args).items()}
+    return dict(vars(args))
 
 
 def log_epoch(args, record):
@@ -243,7 +250,7 @@ def fidelity_grid(args):
 
 def tal_dataset(args, videos):
     full, lofis = fidelity_grid(args)
-    cache = None if args.cache == "none" else Path(args.cache or Path(args.out).parent / "cache")
+    cache = None if args.cache == "none" else Path(args.cache)
     # Every stage caches the frames of all four configurations at full resolution, so the one
     # decoding pass of stage 2 also serves stage 3 and the baseline.
     levels = sorted({f.L for f in [full, *lofis]})
@@ -260,11 +267,11 @@ def batch_targets(segments, L, device):
 def loss_generator(args, rank, epoch, step, device):
     """Seeded RNG of G-TAD's sampled regression loss: same draws on resume and in the parity test."""
     g = torch.Generator(device=device)
-    g.manual_seed(((args.seed * 1_000_003 + epoch) * 1_000_003 + step) * 1024 + rank)
+    g.manual_seed(int(np.random.SeedSequence([args.seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1))
     return g
 
 
-def resume_state(args, model_parts, optimizer, scheduler):
+def resume_state(args, model_parts, optimizer, scheduler, schedule=None):
     """Restore a run from <out>/last.pt; returns the first epoch still to run."""
     path = Path(args.out) / "last.pt"
     if not args.resume:
@@ -274,6 +281,8 @@ def resume_state(args, model_parts, optimizer, scheduler):
     ck = load_checkpoint(path)
     if ck["stage"] != args.stage:
         raise SystemExit(f"--resume: {path} is a '{ck['stage']}' checkpoint, not '{args.stage}'")
+    if schedule is not None and ck.get("schedule") != schedule:
+        raise SystemExit(f"--resume: {path} ran the fidelity schedule {ck.get('schedule')}, not {schedule}")
     for name, module in model_parts.items():
         module.load_state_dict(ck[name])
     optimizer.load_state_dict(ck["optimizer"])
@@ -303,7 +312,7 @@ def stage_acp(args, rank, world, device):
     model = DDP(net) if world > 1 else net
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.1)
-    start = resume_state(args, {"model": net}, opt, sched)
+    start = resume_state(args, {"encoder": net.encoder, "classifier": net.fc}, opt, sched)
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     per_rank = args.batch_size // world
     batches = torch.utils.data.BatchSampler(sampler, per_rank, drop_last=True)
@@ -327,6 +336,7 @@ def stage_acp(args, rank, world, device):
             loss.backward()
             opt.step()
             losses.append(loss.item())
+        lr = opt.param_groups[0]["lr"]           # the lr this epoch ran with
         sched.step()
         # Clip accuracy on the validation subset, each rank a disjoint stride of it (no padding).
         net.eval()
@@ -340,11 +350,11 @@ def stage_acp(args, rank, world, device):
             dist.all_reduce(right)
         if rank == 0:
             save_checkpoint(Path(args.out) / "last.pt", dict(
-                stage="acp", model=net.state_dict(), encoder=net.encoder.state_dict(),
-                encoder_cfg=asdict(net.encoder.cfg), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                stage="acp", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
+                classifier=net.fc.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
                 epoch=epoch + 1, classes=classes, args=plain_args(args)))
         log_epoch(args, dict(stage="acp", epoch=epoch, loss=float(np.mean(losses)) if losses else None,
-                             val_acc=(right[0] / right[1].clamp(min=1)).item(), lr=opt.param_groups[0]["lr"],
+                             val_acc=(right[0] / right[1].clamp(min=1)).item(), lr=lr,
                              time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
 
 
@@ -361,7 +371,8 @@ def stage_lofi(args, rank, world, device):
     # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs.
     opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.0, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.5)
-    start = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched)
+    schedule = dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])
+    start = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched, schedule)
     sampler = data.FidelityBatchSampler(len(ds), args.batch_size // world, configs, args.cycle, c_l=args.c_l,
                                         c_s=args.c_s, rank=rank, world_size=world, seed=args.seed)
     for epoch in range(start, args.epochs):
@@ -390,15 +401,16 @@ def stage_lofi(args, rank, world, device):
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             seen.append(str(fid))
+        lr = opt.param_groups[0]["lr"]           # the lr this epoch ran with
         sched.step()
         if rank == 0:
             save_checkpoint(Path(args.out) / "last.pt", dict(
                 stage="lofi", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
                 head=net.head.state_dict(), head_cfg=asdict(net.head.cfg), optimizer=opt.state_dict(),
                 scheduler=sched.state_dict(), epoch=epoch + 1, step=len(seen), args=plain_args(args),
-                schedule=dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])))
+                schedule=schedule))
         log_epoch(args, dict(stage="lofi", epoch=epoch, **{k: v / max(len(seen), 1) for k, v in sums.items()},
-                             lr=opt.param_groups[0]["lr"], fidelity=sorted(set(seen)), steps=len(seen),
+                             lr=lr, fidelity=sorted(set(seen)), steps=len(seen),
                              time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
 
 
@@ -415,7 +427,7 @@ def extract_features(args, encoder, videos, rank, world, device):
     for batch in tqdm(loader(ds, batches, args, device), disable=rank > 0, desc="features", leave=False):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             x = snippet_features(encoder, batch["frames"].to(device))                # (B, D, L)
-        feats.update(zip(batch["ids"], x.float().cpu()))
+        feats.update(zip(batch["ids"], x.float().cpu().clone().unbind(0)))   # own storage each
     merged = {}
     for part in gather(feats):
         merged.update(part)
@@ -425,10 +437,11 @@ def extract_features(args, encoder, videos, rank, world, device):
 def features_for(args, encoder, videos, rank, world, device):
     """Features cached in the run folder, reused when encoder, fidelity and videos match."""
     path = Path(args.out) / "features.pt"
-    init = Path(args.init)
-    key = dict(init=str(init.resolve()), mtime=init.stat().st_mtime if init.exists() else 0.0,
-               snippets=args.snippets, frames=args.frames, stride=args.stride, size=args.size,
-               ids=sorted(v.id for v in videos))
+    weights = hashlib.sha1()
+    for k, v in encoder.state_dict().items():
+        weights.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
+    key = dict(encoder=weights.hexdigest(), amp=args.amp, snippets=args.snippets, frames=args.frames,
+               stride=args.stride, size=args.size, ids=sorted(v.id for v in videos))
     if path.exists():
         cached = load_checkpoint(path)
         if cached["key"] == key:
@@ -447,15 +460,20 @@ def train_video_classifier(feats, videos, classes, seed):
     for i, v in enumerate(videos):
         for label in v.labels:
             y[i, classes.index(label)] = 1.0
-    torch.manual_seed(seed)
-    clf = nn.Sequential(nn.LayerNorm(x.shape[1]), nn.Linear(x.shape[1], len(classes)))
-    opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
-    for _ in range(300):
-        loss = F.binary_cross_entropy_with_logits(clf(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clf = video_classifier(x.shape[1] // 2, len(classes))
+        opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(300):
+            loss = F.binary_cross_entropy_with_logits(clf(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     return clf
+
+
+def video_classifier(dim, num_classes):
+    return nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, num_classes))     # on [mean, max]
 
 
 def video_class_scores(clf, feat):
@@ -488,8 +506,10 @@ def stage_head(args, rank, world, device):
         t0 = time.time()
         sampler.set_epoch(epoch)
         sums, n = {}, 0
-        for step, (xb, sb, eb, ib) in enumerate(DataLoader(ds, batch_size=args.batch_size // world, sampler=sampler,
-                                                           drop_last=True)):
+        batches = DataLoader(ds, batch_size=args.batch_size // world, sampler=sampler, drop_last=True)
+        for step, (xb, sb, eb, ib) in enumerate(tqdm(batches, disable=rank > 0, desc=f"head {epoch}", leave=False)):
+            if args.max_steps and step >= args.max_steps:
+                break
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
                 out = model(xb.to(device))
             losses = gtad.loss(out, sb.to(device), eb.to(device), ib.to(device),
@@ -502,6 +522,7 @@ def stage_head(args, rank, world, device):
             n += 1
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
+        lr = opt.param_groups[0]["lr"]           # the lr this epoch ran with
         sched.step()
         if rank == 0:
             save_checkpoint(Path(args.out) / "last.pt", dict(
@@ -509,7 +530,7 @@ def stage_head(args, rank, world, device):
                 head_cfg=asdict(head.cfg), video_classifier=clf.state_dict(), classes=classes,
                 optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, args=plain_args(args)))
         log_epoch(args, dict(stage="head", epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
-                             lr=opt.param_groups[0]["lr"], time=round(time.time() - t0, 2)))
+                             lr=lr, time=round(time.time() - t0, 2)))
     if rank == 0:
         detect_and_evaluate(args, head.eval(), clf, feats, val, classes, device)
 
@@ -538,6 +559,13 @@ def detect_and_evaluate(args, head, clf, feats, val, classes, device):
         else:
             scores, names = video_class_scores(clf, feats[v.id]), classes
         results[v.id] = detections_for(head, feats[v.id], v.duration, scores, names, args, device)
+    # The official evaluator refuses labels absent from the evaluated subset's ground truth; a class
+    # seen only in training can still be predicted on custom data, so drop and count those.
+    known = {label for v in val for label in v.labels}
+    dropped = sum(d["label"] not in known for found in results.values() for d in found)
+    if dropped:
+        print0(f"warning: {dropped} detections carry classes absent from the validation ground truth; dropped")
+        results = {vid: [d for d in found if d["label"] in known] for vid, found in results.items()}
     out = Path(args.out)
     with open(out / "detections.json", "w") as f:
         json.dump(dict(version="VERSION 1.3", results=results, external_data={}), f)
@@ -655,16 +683,16 @@ def stage_detect(args):
     encoder.load_state_dict(ck["encoder"])
     head = gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"]))
     head.load_state_dict(ck["head"])
-    clf = nn.Sequential(nn.LayerNorm(2 * encoder.dim), nn.Linear(2 * encoder.dim, len(ck["classes"])))
+    clf = video_classifier(encoder.dim, len(ck["classes"]))
     clf.load_state_dict(ck["video_classifier"])
     trained = argparse.Namespace(**ck["args"])
-    for k in ("snippets", "frames", "stride", "size"):
+    for k in ("snippets", "frames", "stride", "size", "amp"):     # features as stage 3 made them
         setattr(args, k, getattr(trained, k))
     full, _ = fidelity_grid(args)
     frames, duration = data.read_snippets(args.video, full, args.frames, args.stride)   # (L, F, 3, H, W)
     encoder, head = encoder.to(device).eval(), head.to(device).eval()
-    with torch.no_grad():
-        feat = snippet_features(encoder, frames[None].to(device))[0].cpu()               # (D, L)
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+        feat = snippet_features(encoder, frames[None].to(device))[0].float().cpu()       # (D, L)
     dets = detections_for(head, feat, duration, video_class_scores(clf, feat), ck["classes"], args, device)
     stem = Path(args.video).stem
     (run / f"detect_{stem}.json").write_text(json.dumps(dict(video=args.video, duration=duration, detections=dets)))
@@ -710,6 +738,8 @@ def main(argv=None):
         print0(json.dumps(plain_args(args)))
         if rank == 0:
             (Path(args.out) / "args.json").write_text(json.dumps(plain_args(args), indent=1))
+            if not args.resume:
+                (Path(args.out) / "log.jsonl").unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, rank, world, device)
     finally:
         compute_cleanup()

@@ -140,3 +140,16 @@ def test_plan_reports_all_four_configurations(tmp_path):
     plain = next(r for r in rows if r["config"] == "full" and not r["checkpoint"] and not r["amp"])
     ckpt = next(r for r in rows if r["config"] == "full" and r["checkpoint"] and not r["amp"])
     assert ckpt["mib_per_video"] < plain["mib_per_video"]
+
+
+def test_torchrun_one_process_equals_plain_python(synth, tmp_path):
+    argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "1", "--max-steps", "2", "--cache", "none"]
+    lofi.main([*argv, "--out", str(tmp_path / "plain")])
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
+                          str(ROOT / "lofi.py"), *argv, "--out", str(tmp_path / "torchrun")],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("plain", "torchrun"))
+    for part in ("encoder", "head"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
