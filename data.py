@@ -6,7 +6,7 @@ a window of F * stride consecutive frames (64 frames at stride 8 -> 8 frames). S
 fidelity L x H x W (Eq. 1) and S-, T-, ST-LoFi (Eq. 2-4), cycled by C-LoFi every c_l epochs (long
 cycle) or every c_s batches (short cycle); Sec. 4.3: r_s = 2, r_t = 4, and (r_t, r_s) = (2, sqrt 2).
 
-    python data.py synth data/synth --videos 64 --seed 0     # mp4 files + ActivityNet-style anno.json
+    python data.py synth data/synth --videos 128 --seed 0    # mp4 files + ActivityNet-style anno.json
     python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--count]
 
 Frames are decoded once, sequentially, with OpenCV, at full resolution (optionally into a frame cache);
@@ -167,14 +167,19 @@ def _mismatch(seconds, expected):
 
 
 def fit_frame(img, size):
-    """Scale so the image covers H x W (shorter side to target), centre-crop to H x W (square: a resize)."""
+    """Centre-crop to the aspect of H x W, then scale to H x W. A large reduction goes first through an
+    integer block average (OpenCV's fast INTER_AREA path, ~4x faster at 360p -> 64^2), then one resize."""
     (H, W), (h, w) = size, img.shape[:2]
-    s = max(H / h, W / w)
-    rh, rw = max(H, round(h * s)), max(W, round(w * s))
-    if (rh, rw) != (h, w):
-        img = cv2.resize(img, (rw, rh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    y, x = (rh - H) // 2, (rw - W) // 2
-    return img[y:y + H, x:x + W]
+    s = min(h / H, w / W)                                   # source pixels per target pixel
+    k = max(1, int(s))
+    ch, cw = min(h, round(H * s)) // k * k, min(w, round(W * s)) // k * k
+    y, x = (h - ch) // 2, (w - cw) // 2
+    img = img[y:y + ch, x:x + cw]
+    if k >= 2:
+        img = cv2.resize(img, (cw // k, ch // k), interpolation=cv2.INTER_AREA)
+    if img.shape[:2] != (H, W):
+        img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA if img.shape[0] > H else cv2.INTER_LINEAR)
+    return img
 
 
 def read_frames(cap, wanted, size):
@@ -446,7 +451,7 @@ class FidelityBatchSampler:
 
 
 # ----------------------------------------------------------------------------- synthetic dataset
-def synth(out_dir, videos=64, seed=0, fps=10, size=(64, 80)):
+def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
     """Videos whose actions show only in motion: a still textured background and three textured
     patches; during an action one patch moves (circular, horizontal or vertical oscillation), else
     only sensor noise changes. Rest positions are uniform, so no single frame reveals an action."""
@@ -499,7 +504,7 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
     p.add_argument("out_dir")
-    p.add_argument("--videos", type=int, default=64, help="number of videos (3:1 training:validation)")
+    p.add_argument("--videos", type=int, default=128, help="number of videos (3:1 training:validation)")
     p.add_argument("--seed", type=int, default=0, help="the dataset is a pure function of the seed")
     p = sub.add_parser("check", help="list every problem that would break or mislabel training")
     p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON")

@@ -44,10 +44,10 @@ import tsm
 # at 5) with an lr from the paper's search set {2e-4 ... 5e-3}.
 PRESETS = {
     "paper": dict(snippets=100, frames=8, stride=8, size=224, batch_size=16, workers=8,
-                  acp_epochs=10, acp_lr=0.01, lofi_epochs=15, lofi_lr=0.1, lofi_step=5,
+                  acp_epochs=10, acp_lr=0.01, lofi_epochs=15, lofi_lr=0.1, lofi_step=5, lofi_momentum=0.0,
                   head_epochs=10, head_lr=1e-3, head_step=5),
     "tiny": dict(snippets=32, frames=4, stride=2, size=64, batch_size=4, workers=2,
-                 acp_epochs=10, acp_lr=0.01, lofi_epochs=6, lofi_lr=0.05, lofi_step=5,
+                 acp_epochs=6, acp_lr=0.01, lofi_epochs=6, lofi_lr=0.01, lofi_step=5, lofi_momentum=0.9,
                  head_epochs=20, head_lr=2e-3, head_step=15),
 }
 
@@ -78,6 +78,8 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, help="default: the preset's value for the stage")
     p.add_argument("--batch-size", type=int, help="global batch (videos or clips), split over ranks")
     p.add_argument("--lr", type=float, help="default: the preset's value for the stage")
+    p.add_argument("--momentum", type=float, help="stage 2 SGD momentum (paper: 0; tiny: 0.9, as it runs "
+                   "~70 steps instead of thousands)")
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (no loss scaling needed)")
     p.add_argument("--checkpoint-encoder", action="store_true", help="recompute encoder activations in backward")
@@ -109,6 +111,8 @@ def get_args(argv=None):
         args.lr_step = preset[f"{args.stage}_step"] if args.stage != "acp" else max(1, args.epochs // 2)
         if not (args.anno and args.videos):
             p.error(f"--stage {args.stage} needs --anno and --videos")
+    if args.momentum is None:
+        args.momentum = preset["lofi_momentum"]
     return args
 
 
@@ -229,10 +233,10 @@ def peak_memory(device):
     return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
 
 
-def loader(dataset, batch_sampler, args, device):
+def loader(dataset, batch_sampler, args, device, persistent=False):
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers,
                       collate_fn=getattr(dataset, "collate", None) or data.collate,
-                      pin_memory=device.type == "cuda", persistent_workers=False)
+                      pin_memory=device.type == "cuda", persistent_workers=persistent and args.workers > 0)
 
 
 def load_split(args, subset):
@@ -369,12 +373,15 @@ def stage_lofi(args, rank, world, device):
     net = LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
     model = DDP(net) if world > 1 else net
     # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs.
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.0, weight_decay=1e-4)
+    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.5)
     schedule = dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])
     start = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched, schedule)
     sampler = data.FidelityBatchSampler(len(ds), args.batch_size // world, configs, args.cycle, c_l=args.c_l,
                                         c_s=args.c_s, rank=rank, world_size=world, seed=args.seed)
+    # Workers persist across epochs (the sampler, not the dataset, carries the epoch): a cached epoch
+    # then costs what the DataLoader costs.
+    batches = loader(ds, sampler, args, device, persistent=True)
     for epoch in range(start, args.epochs):
         t0 = time.time()
         sampler.set_epoch(epoch)
@@ -384,8 +391,7 @@ def stage_lofi(args, rank, world, device):
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         sums, seen = {}, []
-        for step, batch in enumerate(tqdm(loader(ds, sampler, args, device), disable=rank > 0,
-                                          desc=f"lofi {epoch}", leave=False)):
+        for step, batch in enumerate(tqdm(batches, disable=rank > 0, desc=f"lofi {epoch}", leave=False)):
             if args.max_steps and step >= args.max_steps:
                 break
             fid = batch["fidelity"]

@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The whole LoFi pipeline of the paper (Fig. 1), one commented line a stage.
 #   bash train.sh                                    # synthetic videos, tiny preset, a CPU, minutes
-#   bash train.sh --anno A.json --videos DIR --out RUNS --preset paper --nproc 4
+#   bash train.sh --anno A.json --videos DIR --out RUNS --preset paper --nproc 4 [--seed S]
 # Prints mAP of the baseline (head on the classification-pretrained encoder) and of LoFi.
 set -euo pipefail
+here=$(pwd)
 cd "$(dirname "$0")"
 
-ANNO="" VIDEOS="" OUT=runs PRESET=tiny NPROC=1
+ANNO="" VIDEOS="" OUT=runs PRESET=tiny NPROC=1 SEED=0
 die() { echo "train.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -15,12 +16,16 @@ while [ $# -gt 0 ]; do
     --out) OUT=${2:?--out needs a folder}; shift 2 ;;
     --preset) PRESET=${2:?--preset needs tiny or paper}; shift 2 ;;
     --nproc) NPROC=${2:?--nproc needs a number}; shift 2 ;;
+    --seed) SEED=${2:?--seed needs a number}; shift 2 ;;
     -h|--help) sed -n 2,5p "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see bash train.sh --help)" ;;
   esac
 done
+abs() { case "$1" in ""|/*) echo "$1" ;; *) echo "$here/$1" ;; esac; }   # paths are the caller's
+ANNO=$(abs "$ANNO") VIDEOS=$(abs "$VIDEOS") OUT=$(abs "$OUT")
 case "$PRESET" in tiny|paper) ;; *) die "--preset must be tiny or paper, not '$PRESET'" ;; esac
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, not '$NPROC'"
+[[ "$SEED" =~ ^[0-9]+$ ]] || die "--seed must be a non-negative integer, not '$SEED'"
 if [ -n "$ANNO$VIDEOS" ]; then
   [ -f "$ANNO" ] || die "annotation file '$ANNO' not found (--anno)"
   [ -d "$VIDEOS" ] || die "video folder '$VIDEOS' not found (--videos)"
@@ -29,13 +34,15 @@ else
   [ -f "$ANNO" ] || python data.py synth data/synth                      # synthetic dataset, once
 fi
 mkdir -p "$OUT"
+OUT=$(realpath "$OUT")
 : > "$OUT/times.txt"
 
 run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the first failure
   local name=$1 t0=$SECONDS; shift
   echo "== stage $name"
   if [ "$NPROC" -gt 1 ]; then cmd=(torchrun --standalone --nproc_per_node="$NPROC" lofi.py); else cmd=(python lofi.py); fi
-  "${cmd[@]}" "$@" --preset "$PRESET" --anno "$ANNO" --videos "$VIDEOS" || { echo "train.sh: stage '$name' failed" >&2; exit 1; }
+  "${cmd[@]}" "$@" --preset "$PRESET" --anno "$ANNO" --videos "$VIDEOS" --seed "$SEED" \
+    || { echo "train.sh: stage '$name' failed" >&2; exit 1; }
   echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }
 
