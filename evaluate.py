@@ -28,11 +28,13 @@ Speed, 2 CPU cores: 4,728 validation videos x 100 predictions (46 MB), end to en
 long as json.load of that file alone, and 7-8x less than a per-prediction loop.
 """
 import argparse
+import gc
 import json
 import numbers
 import re
 import sys
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +106,19 @@ def _check_numbers(values, where):
         if bad.any():
             i = int(np.flatnonzero(bad)[0])
             raise ValueError(f"{where(i)}: {reason} {values[i].tolist()}")
+
+
+@contextmanager
+def _no_gc():
+    """Parsing makes a million small acyclic objects; the cyclic collector would walk them over and
+    over for nothing (0.1-0.3 s of the 1.5 s on 4,728 x 100 predictions)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def load_ground_truth(gt, subset="validation"):
@@ -305,8 +320,9 @@ def interpolated_ap(tp, n_truth):
 def detection_map(gt, pred, subset="validation", thresholds=THRESHOLDS):
     """(mAP at each tIoU threshold (T,), average mAP); gt and pred are paths or loaded dicts."""
     thresholds = np.asarray(thresholds, dtype=np.float64)
-    truth = load_ground_truth(gt, subset)
-    preds = load_predictions(pred, truth, subset)
+    with _no_gc():
+        truth = load_ground_truth(gt, subset)
+        preds = load_predictions(pred, truth, subset)
     C = len(truth.classes)
     by_class = np.argsort(preds.label, kind="stable")  # file order within a class
     orders = [idx[np.argsort(preds.score[idx])[::-1]]  # the official order, ties included
@@ -323,8 +339,9 @@ def detection_map(gt, pred, subset="validation", thresholds=THRESHOLDS):
 
 def proposal_recall(gt, pred, subset="validation"):
     """Class-agnostic AR at 1, 5, 10, 100 proposals a video and the AUC (%) of AR vs AN."""
-    truth = load_ground_truth(gt, subset)
-    preds = load_predictions(pred, truth, subset, need_labels=False)
+    with _no_gc():
+        truth = load_ground_truth(gt, subset)
+        preds = load_predictions(pred, truth, subset, need_labels=False)
     videos = np.unique(truth.video)  # the official video list: videos with ground truth
     # Every video keeps the same fraction of its proposals, MAX_PROPOSALS a video on average.
     ratio = MAX_PROPOSALS * len(videos) / len(preds.score)
