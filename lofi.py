@@ -79,7 +79,7 @@ def get_args(argv=None):
     p.add_argument("--batch-size", type=int, help="global batch (videos or clips), split over ranks")
     p.add_argument("--lr", type=float, help="default: the preset's value for the stage")
     p.add_argument("--momentum", type=float, help="stage 2 SGD momentum (paper: 0; tiny: 0.9, as it runs "
-                   "~70 steps instead of thousands)")
+                   "~150 steps instead of thousands)")
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
     p.add_argument("--amp", action="store_true", help="bf16 autocast (no loss scaling needed)")
     p.add_argument("--checkpoint-encoder", action="store_true", help="recompute encoder activations in backward")

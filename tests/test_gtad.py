@@ -355,12 +355,14 @@ def test_assign_classes_and_video_scores(tmp_path):
                                                         ("b", [3.0, 4.0]), ("c", [3.0, 4.0])]
     np.testing.assert_allclose([d["score"] for d in det], [0.35, 0.1, 0.14, 0.04])
     path = tmp_path / "cuhk.json"
-    path.write_text(json.dumps({"results": {"v_abc": [0.1, 0.9], "xyz": [0.6, 0.4]}, "class": ["p", "q"]}))
+    # 'v_' + an 11-character YouTube id loses the prefix; a real id that starts with 'v_' keeps it.
+    path.write_text(json.dumps({"results": {"v_abcdefghijk": [0.1, 0.9], "v_UmAH95xls": [0.6, 0.4]},
+                                "class": ["p", "q"]}))
     scores, names = gtad.read_video_scores(path)
-    assert names == ["p", "q"] and sorted(scores) == ["abc", "xyz"]
-    np.testing.assert_array_equal(scores["abc"], [0.1, 0.9])
+    assert names == ["p", "q"] and sorted(scores) == ["abcdefghijk", "v_UmAH95xls"]
+    np.testing.assert_array_equal(scores["abcdefghijk"], [0.1, 0.9])
     for bad, match in [({"results": {}}, "cuhk.json"), ({"results": {"v_a": [1.0]}, "class": ["p", "q"]}, "v_a"),
-                       ({"results": {"v_a": [1, 0], "a": [0, 1]}, "class": ["p", "q"]}, "twice")]:
+                       ({"results": {"v_abcdefghijk": [1, 0], "abcdefghijk": [0, 1]}, "class": ["p", "q"]}, "twice")]:
         path.write_text(json.dumps(bad))
         with pytest.raises(ValueError, match=match):
             gtad.read_video_scores(path)
