@@ -153,3 +153,16 @@ def test_torchrun_one_process_equals_plain_python(synth, tmp_path):
     for part in ("encoder", "head"):
         for k in a[part]:
             assert torch.equal(a[part][k], b[part][k]), (part, k)
+
+
+def test_truncated_checkpoint_is_refused_by_name(synth, tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"stage": "lofi", "encoder": {}}, good)
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last.pt").write_bytes(good.read_bytes()[:100])            # a write cut short
+    argv = ["--stage", "lofi", *SMALL, *synth, "--cache", "none", "--epochs", "1"]
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*last\.pt"):
+        lofi.main([*argv, "--out", str(out), "--resume"])
+    with pytest.raises(SystemExit, match=r"cannot read checkpoint .*last\.pt"):
+        lofi.main([*argv, "--out", str(tmp_path / "other"), "--init", str(out / "last.pt")])
