@@ -315,13 +315,16 @@ def _usable(videos, video_dir, classes=None):
 def _atomic_save(path, write):
     # Temp file + rename: concurrent workers and ranks never see half a file.
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)                  # a failed write leaves nothing behind
 
 
 def cache_size(cache_dir):
-    return sum(p.stat().st_size for p in Path(cache_dir).glob("*") if p.is_file())
+    return sum(p.stat().st_size for ext in ("npy", "json") for p in Path(cache_dir).glob(f"*.{ext}"))
 
 
 class TALDataset(torch.utils.data.Dataset):

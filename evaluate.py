@@ -365,7 +365,7 @@ def proposal_recall(gt, pred, subset="validation"):
     prop = np.concatenate(ranked)[offset[truth.video][pair_gt] + pos]
     iou = tiou(preds.segment[prop], truth.segment[pair_gt])  # (K,)
     t, k = np.nonzero(iou >= THRESHOLDS[:, None])
-    lead = np.r_[True, (t[1:] != t[:-1]) | (pair_gt[k][1:] != pair_gt[k][:-1])]
+    lead = np.r_[True, (t[1:] != t[:-1]) | (pair_gt[k][1:] != pair_gt[k][:-1])][:len(t)]  # none may match
     hit = np.full((len(THRESHOLDS), len(n)), np.iinfo(np.int64).max)  # (T, N) first matching rank
     hit[t[lead], pair_gt[k[lead]]] = pos[k[lead]]
     pcn = np.arange(1, 101) / 100.0 * (MAX_PROPOSALS * len(videos) / total)  # fraction grid

@@ -313,6 +313,14 @@ def test_recall_keeps_a_fraction_of_each_videos_proposals():
     assert result == pytest.approx(reference_recall(gt, pred_doc(*rows)), abs=1e-12)
 
 
+def test_recall_is_zero_when_no_proposal_overlaps():
+    gt = gt_doc(("a", "run", 0, 1))
+    pred = pred_doc(("a", "x", 0.9, 5, 6), ("a", "x", 0.8, 7, 8))
+    result = evaluate.proposal_recall(gt, pred)
+    assert result == pytest.approx({"AR@1": 0.0, "AR@5": 0.0, "AR@10": 0.0, "AR@100": 0.0, "AUC": 0.0})
+    assert result == pytest.approx(reference_recall(gt, pred), abs=1e-12)
+
+
 # ---------------------------------------------------------------- real ActivityNet-1.3 annotations
 
 @lru_cache(maxsize=1)
