@@ -14,12 +14,13 @@ and two utilities: --stage plan (training memory of every fidelity) and --stage 
   torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long --anno A.json --videos DIR \
       --out runs/lofi --init runs/acp/last.pt                      # 4 GPUs, paper preset
   python lofi.py --stage plan --preset tiny                         # needs no dataset
-`bash train.sh` runs the whole pipeline on a synthetic dataset on a CPU.
+`bash train.sh` runs the whole pipeline on a synthetic dataset on a CPU: 6.7 min on 2 cores, average
+mAP 3.9 (baseline) vs 5.4 (LoFi) over three seeds (README). Paper preset on one H200: S, T and ST-LoFi
+each need 0.25 of the 19.4 GB a full-fidelity video takes to train.
 """
 import argparse
 import hashlib
 import json
-import math
 import os
 import time
 from dataclasses import asdict
