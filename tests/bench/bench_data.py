@@ -1,0 +1,163 @@
+"""Benchmark for data.py (issue 5): training-loader throughput vs raw sequential OpenCV decoding of the
+same videos, and the speed-up of a cached epoch. Every figure comes from one run, measured side by side
+(interleaved repeats, median), so machine noise hits all rows alike.
+
+    python tests/bench/bench_data.py [--videos 64] [--repeats 5] [--workers 2] [--batch 4]
+
+Unit: video frames per second = (sum of the frame counts of the videos gone through) / wall time.
+Raw decoding reads every frame with cv2.VideoCapture.read(), once with OpenCV's default FFmpeg threads
+and once with one thread (what data.py uses). The loader is TALDataset + FidelityBatchSampler +
+DataLoader(num_workers=2, collate_fn=data.collate), fresh workers every epoch as in lofi.py, going once
+through the same videos at the tiny full fidelity 32 x 4 x 64^2 (stride 2); it delivers B * L * F
+snippet frames per batch. The transport floor is the same DataLoader serving same-sized uint8 tensors
+that cost nothing to make.
+"""
+import argparse
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import data  # noqa: E402
+
+FULL, F, STRIDE = data.Fidelity(32, 64, 64), 4, 2
+
+
+def raw_decode(paths, threads):
+    t, frames = time.perf_counter(), 0
+    for p in paths:
+        params = [cv2.CAP_PROP_N_THREADS, threads] if threads else []
+        cap = cv2.VideoCapture(str(p), cv2.CAP_FFMPEG, params)
+        while cap.read()[0]:
+            frames += 1
+        cap.release()
+    return time.perf_counter() - t, frames
+
+
+class Floor(torch.utils.data.Dataset):
+    """TALDataset's item layout and sizes, at no cost: what the DataLoader itself takes."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, item):
+        i, fid = item
+        return dict(frames=torch.full((fid.L, F, 3, fid.H, fid.W), i % 255, dtype=torch.uint8),
+                    segments=torch.zeros(2, 2), labels=["x"], id=str(i), duration=1.0, fidelity=fid)
+
+
+def loader_epoch(ds, configs, epoch, args, cycle="long", persistent=None):
+    sampler = data.FidelityBatchSampler(len(ds), args.batch, configs, cycle, c_s=1, seed=0, drop_last=False)
+    sampler.set_epoch(epoch)
+    loader = persistent or torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
+                                                       collate_fn=data.collate, persistent_workers=False)
+    t, delivered, seen = time.perf_counter(), 0, set()
+    for batch in loader:
+        delivered += batch["frames"].shape[:3].numel()
+        seen.update(batch["ids"])
+    assert len(seen) == len(ds)
+    return time.perf_counter() - t, delivered
+
+
+def items(ds):
+    """Dataset-level cost: every video at full fidelity in this process (no DataLoader)."""
+    t = time.perf_counter()
+    for i in range(len(ds)):
+        ds[i]
+    return time.perf_counter() - t
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--videos", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--size", default="64x80", help="synthetic video HxW, e.g. 360x640 for ActivityNet-like frames")
+    ap.add_argument("--fps", type=int, default=10)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
+    t = time.perf_counter()
+    anno = data.synth(tmp / "synth", args.videos, seed=0, fps=args.fps,
+                      size=tuple(int(x) for x in args.size.split("x")))
+    synth_s = time.perf_counter() - t
+    videos, _ = data.read_annotations(anno)
+    vids = [videos[k] for k in sorted(videos)]
+    vdir = tmp / "synth" / "videos"
+    paths = [data.find_video(vdir, v.id) for v in vids]
+    plain = data.TALDataset(vids, vdir, F, STRIDE, full=FULL)
+    rows = {k: [] for k in ["raw_default", "raw_1", "loader", "build", "flush", "cached", "cached_persistent",
+                            "clofi_cached", "floor", "items", "items_cached"]}
+    for r in range(args.repeats):         # interleaved, so machine noise hits every row alike
+        rows["raw_default"].append(raw_decode(paths, 0)[0])
+        sec, total = raw_decode(paths, 1)
+        rows["raw_1"].append(sec)
+        sec, delivered = loader_epoch(plain, [FULL], r, args)
+        rows["loader"].append(sec)
+        cache_dir = tmp / f"cache{r}"      # a fresh cache every repeat: epoch 1 builds it, epoch 2 reads it
+        cached = data.TALDataset(vids, vdir, F, STRIDE, cache_dir=cache_dir, full=FULL)
+        rows["build"].append(loader_epoch(cached, [FULL], 0, args)[0])
+        t = time.perf_counter()
+        os.sync()                          # writeback of the new cache, else it slows the next epoch
+        rows["flush"].append(time.perf_counter() - t)
+        rows["cached"].append(loader_epoch(cached, [FULL], 1, args)[0])
+        sampler = data.FidelityBatchSampler(len(cached), args.batch, [FULL], "long", drop_last=False)
+        keep = torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=args.workers,
+                                           collate_fn=data.collate, persistent_workers=True)
+        loader_epoch(cached, [FULL], 0, args, persistent=keep)             # starts the workers
+        rows["cached_persistent"].append(loader_epoch(cached, [FULL], 1, args, persistent=keep)[0])
+        del keep
+        rows["clofi_cached"].append(loader_epoch(cached, data.c_lofi(FULL), r, args, cycle="short")[0])
+        rows["floor"].append(loader_epoch(Floor(len(vids)), [FULL], r, args)[0])
+        rows["items"].append(items(plain))
+        rows["items_cached"].append(items(cached))
+        size = data.cache_size(cache_dir)
+        shutil.rmtree(cache_dir)
+    med = {k: statistics.median(v) for k, v in rows.items()}
+
+    print(f"{len(vids)} synthetic videos ({args.size} mp4v, {args.fps} fps), {total} frames (synth: {synth_s:.1f} s); "
+          f"loader: batch {args.batch}, {args.workers} workers, {FULL} x F={F}, stride {STRIDE}; median of "
+          f"{args.repeats}; {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; cv2 {cv2.__version__}, "
+          f"torch {torch.__version__}\n")
+    print("| measurement | wall s | video frames/s | snippet frames/s delivered | vs raw (default) | vs raw (1 thread) |")
+    print("|---|---|---|---|---|---|")
+    label = {"raw_default": "raw decoding, cv2 read() every frame, OpenCV default FFmpeg threads",
+             "raw_1": "raw decoding, cv2 read() every frame, 1 FFmpeg thread",
+             "loader": "**loader, first pass, no cache** (2 workers)",
+             "build": "loader, first epoch with the cache (builds it; 2 workers)",
+             "cached": "**loader, second epoch with the cache** (2 workers)",
+             "cached_persistent": "loader, second epoch with the cache, persistent workers",
+             "clofi_cached": "loader, C-LoFi short cycle from the cache (S/T/ST, resized)",
+             "floor": "DataLoader floor: same tensors, made at no cost (2 workers)",
+             "items": "dataset alone, one process, no cache",
+             "items_cached": "dataset alone, one process, from the cache"}
+    for k, name in label.items():
+        fps = f"{delivered / med[k]:.0f}" if k in ("loader", "build", "cached", "cached_persistent", "floor") else "-"
+        print(f"| {name} | {med[k]:.3f} | {total / med[k]:.0f} | {fps} | {med['raw_default'] / med[k]:.2f}x "
+              f"| {med['raw_1'] / med[k]:.2f}x |")
+    print(f"\nloader first pass vs raw decoding: {med['raw_default'] / med['loader']:.2f}x OpenCV defaults, "
+          f"{med['raw_1'] / med['loader']:.2f}x one FFmpeg thread (target >= 0.8)")
+    print(f"second epoch with the cache: {med['build'] / med['cached']:.2f}x faster than the first (cache-building) "
+          f"epoch, {med['loader'] / med['cached']:.2f}x faster than an uncached pass "
+          f"(persistent workers {med['loader'] / med['cached_persistent']:.2f}x; dataset alone "
+          f"{med['items'] / med['items_cached']:.2f}x) (target >= 3); writing the cache to disk: {med['flush']:.3f} s more")
+    print(f"cache on disk: {size / 2**20:.1f} MiB for {len(vids)} videos (levels {cached.levels} at "
+          f"{FULL.H}x{FULL.W}); the synthetic videos: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB")
+    for k, v in rows.items():
+        print(f"  {k}: {[round(x, 3) for x in v]}")
+
+
+if __name__ == "__main__":
+    main()
