@@ -327,6 +327,11 @@ def cache_size(cache_dir):
     return sum(p.stat().st_size for ext in ("npy", "json") for p in Path(cache_dir).glob(f"*.{ext}"))
 
 
+def normalised_segments(video):
+    """A video's segments as fractions of its annotated duration: float32 tensor (N, 2) in [0, 1]."""
+    return torch.from_numpy(np.clip(video.segments / video.duration, 0, 1)).float()
+
+
 class TALDataset(torch.utils.data.Dataset):
     """Item (index, Fidelity) -> dict(frames uint8 (L, F, 3, H, W), segments float32 (N, 2) in [0, 1]
     of the annotated duration, labels [str], id, duration, fidelity). A plain index means full fidelity.
@@ -348,7 +353,7 @@ class TALDataset(torch.utils.data.Dataset):
         index, fid = item if isinstance(item, tuple) else (item, self.full)
         v, frames = self.videos[index], self._full_frames(index, fid.L)           # (L, F, 3, H0, W0)
         return dict(frames=torch.from_numpy(resize_frames(frames, (fid.H, fid.W))),   # (L, F, 3, H, W)
-                    segments=torch.from_numpy(np.clip(v.segments / v.duration, 0, 1)).float(),   # (N, 2)
+                    segments=normalised_segments(v),                                          # (N, 2)
                     labels=list(v.labels), id=v.id, duration=v.duration, fidelity=fid)
 
     def _full_frames(self, index, L):

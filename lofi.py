@@ -219,10 +219,6 @@ def load_checkpoint(path):
         raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
 
 
-def plain_args(args):
-    return dict(vars(args))
-
-
 def log_epoch(args, record):
     print0(json.dumps(record))
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -357,7 +353,7 @@ def stage_acp(args, rank, world, device):
             save_checkpoint(Path(args.out) / "last.pt", dict(
                 stage="acp", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
                 classifier=net.fc.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                epoch=epoch + 1, classes=classes, args=plain_args(args)))
+                epoch=epoch + 1, classes=classes, args=vars(args)))
         log_epoch(args, dict(stage="acp", epoch=epoch, loss=float(np.mean(losses)) if losses else None,
                              val_acc=(right[0] / right[1].clamp(min=1)).item(), lr=lr,
                              time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
@@ -414,7 +410,7 @@ def stage_lofi(args, rank, world, device):
             save_checkpoint(Path(args.out) / "last.pt", dict(
                 stage="lofi", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
                 head=net.head.state_dict(), head_cfg=asdict(net.head.cfg), optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(), epoch=epoch + 1, step=len(seen), args=plain_args(args),
+                scheduler=sched.state_dict(), epoch=epoch + 1, step=len(seen), args=vars(args),
                 schedule=schedule))
         log_epoch(args, dict(stage="lofi", epoch=epoch, **{k: v / max(len(seen), 1) for k, v in sums.items()},
                              lr=lr, fidelity=sorted(set(seen)), steps=len(seen),
@@ -462,7 +458,7 @@ def features_for(args, encoder, videos, rank, world, device):
 
 def train_video_classifier(feats, videos, classes, seed):
     """Video-level classes for the class assignment of Sec. 3.3: a linear layer on pooled features."""
-    x = torch.stack([torch.cat([feats[v.id].mean(1), feats[v.id].amax(1)]) for v in videos])   # (N, 2D)
+    x = torch.stack([pooled(feats[v.id]) for v in videos])                                  # (N, 2D)
     y = torch.zeros(len(videos), len(classes))                                                 # (N, K)
     for i, v in enumerate(videos):
         for label in v.labels:
@@ -479,17 +475,22 @@ def train_video_classifier(feats, videos, classes, seed):
     return clf
 
 
+def pooled(feat):
+    """A video's (D, L) snippet features -> (2D,): mean and max over time."""
+    return torch.cat([feat.mean(1), feat.amax(1)])
+
+
 def video_classifier(dim, num_classes):
     return nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, num_classes))     # on [mean, max]
 
 
 def video_class_scores(clf, feat):
     with torch.no_grad():
-        return torch.sigmoid(clf(torch.cat([feat.mean(1), feat.amax(1)])[None]))[0].numpy()
+        return torch.sigmoid(clf(pooled(feat)[None]))[0].numpy()
 
 
 def stage_head(args, rank, world, device):
-    if args.init in ("none", "imagenet") and not Path(args.init).exists():
+    if args.init in ("none", "imagenet"):
         print0("stage head: the encoder is frozen, so --init should name a stage-1 or stage-2 checkpoint")
     train, _ = load_split(args, "training")
     val, _ = load_split(args, "validation")
@@ -498,7 +499,7 @@ def stage_head(args, rank, world, device):
     feats = features_for(args, encoder, train + val, rank, world, device)
     L = args.snippets
     x = torch.stack([feats[v.id] for v in train])                                      # (N, D, L)
-    labels = [batch_targets([data_segments(v)], L, "cpu") for v in train]
+    labels = [batch_targets([data.normalised_segments(v)], L, "cpu") for v in train]
     start_t, end_t, iou = (torch.cat(t) for t in zip(*labels))                          # (N, L), (N, L), (N, L, L)
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim)).to(device)
     model = DDP(head) if world > 1 else head
@@ -535,16 +536,11 @@ def stage_head(args, rank, world, device):
             save_checkpoint(Path(args.out) / "last.pt", dict(
                 stage="head", encoder=encoder.state_dict(), encoder_cfg=asdict(encoder.cfg), head=head.state_dict(),
                 head_cfg=asdict(head.cfg), video_classifier=clf.state_dict(), classes=classes,
-                optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, args=plain_args(args)))
+                optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, args=vars(args)))
         log_epoch(args, dict(stage="head", epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
                              lr=lr, time=round(time.time() - t0, 2)))
     if rank == 0:
         detect_and_evaluate(args, head.eval(), clf, feats, val, classes, device)
-
-
-def data_segments(video):
-    """A video's segments as fractions of its duration, (N, 2) float32, for gtad.targets."""
-    return torch.from_numpy(video.segments / video.duration).float().clamp(0, 1)
 
 
 def detections_for(head, feat, duration, class_scores, class_names, args, device):
@@ -742,9 +738,9 @@ def main(argv=None):
     rank, world, device = compute_init(args)
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        print0(json.dumps(plain_args(args)))
+        print0(json.dumps(vars(args)))
         if rank == 0:
-            (Path(args.out) / "args.json").write_text(json.dumps(plain_args(args), indent=1))
+            (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
             if not args.resume:
                 (Path(args.out) / "log.jsonl").unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, rank, world, device)
