@@ -273,18 +273,27 @@ def test_synth_is_a_function_of_the_seed(synth_set, tmp_path):
 
 
 def test_synth_actions_show_only_in_motion(synth_set):
+    anno = json.loads((synth_set / "anno.json").read_text())["database"]
     videos, _ = data.read_annotations(synth_set / "anno.json")
     assert set(data.class_names(videos)) <= set(data.SYNTH_CLASSES)
+    kinds = set()
     for v in videos.values():
         frames, n, fps = data.read_video(data.find_video(synth_set / "videos", v.id), lambda n, fps: np.arange(n), (64, 64))
-        assert abs(n / fps - v.duration) < 1e-6 and 1 <= len(v.segments) <= 3
+        assert abs(n / fps - v.duration) < 1e-6 and 1 <= len(v.segments) <= 3 and len(set(v.labels)) == 1
         moving = (np.abs(np.diff(frames.astype(int), axis=0)).max(1) > 40).mean((1, 2))    # (n - 1,)
-        inside = np.zeros(n, bool)
+        inside, distracted = np.zeros(n, bool), np.zeros(n, bool)
         for s, e in np.round(v.segments * fps).astype(int):
             inside[s:e] = True
-        # Between still frames nothing but noise changes; during an action a patch moves.
-        assert moving[~inside[1:] & ~inside[:-1]].max() < 0.002
-        assert moving[inside[1:] & inside[:-1]].mean() > 0.005
+        for d in anno[v.id]["distractors"]:
+            s, e = np.round(np.array(d["segment"]) * fps).astype(int)
+            distracted[s:e] = True
+            kinds.add(d["kind"])
+        assert not (inside & distracted).any()           # distractors lie between instances
+        # Outside actions and distractors nothing but noise changes; during an action the object moves.
+        still = ~(inside | distracted)
+        assert moving[still[1:] & still[:-1]].max() < 0.002
+        assert moving[inside[1:] & inside[:-1]].mean() > 0.01
+    assert kinds <= {"shake", "slide"}
 
 
 # ----------------------------------------------------------------------------- datasets
