@@ -49,12 +49,12 @@ import tsm
 # with AVX512-BF16.
 PRESETS = {
     "paper": dict(snippets=100, frames=8, stride=8, size=224, batch_size=16, workers=8, amp=False,
-                  acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16,
+                  acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16, acp_workers=8,
                   lofi_epochs=15, lofi_lr=0.1, lofi_step=5, lofi_momentum=0.0,
                   head_epochs=10, head_lr=1e-3, head_step=5),
     "tiny": dict(snippets=32, frames=4, stride=2, size=64, batch_size=4, workers=2, amp=False,
-                 acp_epochs=40, acp_lr=1e-3, acp_optim="adam", acp_batch_size=16,
-                 lofi_epochs=6, lofi_lr=0.01, lofi_step=5, lofi_momentum=0.9,
+                 acp_epochs=60, acp_lr=1e-3, acp_optim="adam", acp_batch_size=16, acp_workers=0,
+                 lofi_epochs=6, lofi_lr=0.0025, lofi_step=5, lofi_momentum=0.9,
                  head_epochs=20, head_lr=2e-3, head_step=15),
 }
 
@@ -65,6 +65,8 @@ def get_args(argv=None):
     p.add_argument("--stage", required=True, choices=["acp", "lofi", "head", "plan", "detect"])
     p.add_argument("--anno", help="ActivityNet/HACS-format annotation JSON")
     p.add_argument("--videos", help="folder with <id>.mp4 or v_<id>.mp4 (mkv, webm, avi)")
+    p.add_argument("--features", help="head: folder of precomputed <id>.npy or v_<id>.npy (T, D) snippet "
+                   "features, in place of an encoder and --videos")
     p.add_argument("--out", default="runs/lofi", help="run folder: checkpoints, logs, features")
     p.add_argument("--preset", default="paper", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU")
     p.add_argument("--snippets", type=int, help="full-fidelity L (paper: 100)")
@@ -77,7 +79,8 @@ def get_args(argv=None):
     p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
     p.add_argument("--init", default="none", help="none | imagenet | PATH (TSM release, torchvision or lofi checkpoint)")
     # fidelity (stage 2)
-    p.add_argument("--fidelity", choices=["s", "t", "st"], help="one LoFi configuration (Eq. 2-4) instead of a cycle")
+    p.add_argument("--fidelity", choices=["s", "t", "st", "full"], help="one LoFi configuration (Eq. 2-4) instead "
+                   "of a cycle; full: end to end at full fidelity, the upper bound that fits only at tiny scale")
     p.add_argument("--cycle", default="long", choices=["long", "short"], help="C-LoFi schedule (default long)")
     p.add_argument("--c-l", type=int, default=1, help="long cycle: epochs per configuration")
     p.add_argument("--c-s", type=int, default=16, help="short cycle: batches per configuration")
@@ -96,6 +99,10 @@ def get_args(argv=None):
     p.add_argument("--nms-sigma", type=float, default=0.84, help="soft-NMS exp(-iou^2/sigma); paper 0.84, G-TAD 0.8")
     p.add_argument("--top-k", type=int, default=100, help="proposals kept per video")
     p.add_argument("--video-scores", help="CUHK-format video-level class scores instead of our classifier")
+    p.add_argument("--lr-search", action="store_true", help="head: pick the lr from the paper's set "
+                   "{2e-4 ... 5e-3} by average mAP on a held-out tenth of the training videos")
+    p.add_argument("--bn-recal", type=int, default=0, help="head: re-estimate the encoder's BatchNorm statistics "
+                   "at full fidelity on this many training videos first (0: keep stage 2's)")
     # utilities
     p.add_argument("--budget-gb", type=float, help="plan: memory per device to fit batches into")
     p.add_argument("--plan-snippets", type=int, help="plan: snippets run through the encoder (memory scales linearly)")
@@ -109,8 +116,9 @@ def get_args(argv=None):
     preset = PRESETS[args.preset]
     if args.cache is None:
         args.cache = str(Path(args.out).parent / "cache") if args.preset == "tiny" else "none"
-    if args.stage == "acp" and args.batch_size is None:
-        args.batch_size = preset["acp_batch_size"]          # clips are far smaller than videos
+    if args.stage == "acp":          # clips are far smaller than videos; tiny ones decode faster in-process
+        args.batch_size = preset["acp_batch_size"] if args.batch_size is None else args.batch_size
+        args.workers = preset["acp_workers"] if args.workers is None else args.workers
     for key in ("snippets", "frames", "stride", "size", "batch_size", "workers", "amp"):
         if getattr(args, key) is None:
             setattr(args, key, preset[key])
@@ -119,8 +127,10 @@ def get_args(argv=None):
             if getattr(args, key) is None:
                 setattr(args, key, preset[f"{args.stage}_{key}"])
         args.lr_step = preset[f"{args.stage}_step"] if args.stage != "acp" else None   # acp: cosine
-        if not (args.anno and args.videos):
-            p.error(f"--stage {args.stage} needs --anno and --videos")
+        if not (args.anno and (args.videos or (args.features and args.stage == "head"))):
+            p.error(f"--stage {args.stage} needs --anno and --videos" + (" (or --features)" if args.stage == "head" else ""))
+        if args.features and args.stage != "head":
+            p.error(f"--features: only --stage head trains on precomputed features, not --stage {args.stage}")
     if args.momentum is None:
         args.momentum = preset["lofi_momentum"]
     return args
@@ -373,6 +383,27 @@ def stage_acp(args, rank, world, device):
         log_epoch(args, dict(stage="acp", epoch=epoch, loss=float(np.mean(losses)) if losses else None,
                              val_acc=(right[0] / right[1].clamp(min=1)).item(), lr=lr,
                              time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
+    if rank == 0:
+        write_video_scores(args, net, val, classes, device)
+
+
+@torch.no_grad()
+def write_video_scores(args, net, videos, classes, device):
+    """<out>/video_scores.json: the stage-1 classifier's class scores of each video (softmax averaged over
+    its full-fidelity snippets) in the CUHK format of --video-scores. G-TAD and the paper take their
+    class labels from such a separate video classifier, so stage 3 on any encoder (baseline or LoFi)
+    assigns the same classes and the comparison measures localization alone."""
+    full, _ = fidelity_grid(args)
+    ds = tal_dataset(args, videos)
+    net.eval()
+    results = {}
+    for batch in tqdm(loader(ds, [[(i, full)] for i in range(len(ds))], args, device), desc="video scores", leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            logits = net(batch["frames"][0].to(device)).float()                             # (L, K)
+        results[batch["ids"][0]] = logits.softmax(1).mean(0).tolist()                        # (K,)
+    path = Path(args.out) / "video_scores.json"
+    path.write_text(json.dumps({"results": results, "class": classes}))
+    print0(f"video-level class scores of {len(results)} validation videos -> {path}")
 
 
 # ----------------------------------------------------------------------------- stage 2: LoFi
@@ -380,7 +411,7 @@ def stage_lofi(args, rank, world, device):
     train, _ = load_split(args, "training")
     full, lofis = fidelity_grid(args)
     # Sec. 3.2: one configuration, or C-LoFi cycling S -> T -> ST; full fidelity is never used here.
-    configs = {"s": lofis[:1], "t": lofis[1:2], "st": lofis[2:]}.get(args.fidelity, lofis)
+    configs = {"s": lofis[:1], "t": lofis[1:2], "st": lofis[2:], "full": [full]}.get(args.fidelity, lofis)
     ds = tal_dataset(args, train)
     encoder = build_encoder(args)
     net = LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
@@ -505,27 +536,53 @@ def video_class_scores(clf, feat):
         return torch.sigmoid(clf(pooled(feat)[None]))[0].numpy()
 
 
-def stage_head(args, rank, world, device):
-    if args.init in ("none", "imagenet"):
-        print0("stage head: the encoder is frozen, so --init should name a stage-1 or stage-2 checkpoint")
-    train, _ = load_split(args, "training")
-    val, _ = load_split(args, "validation")
-    classes = data.class_names(train + val)
-    encoder = build_encoder(args).to(device).eval()
-    feats = features_for(args, encoder, train + val, rank, world, device)
+def rescale(x, L):
+    """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples
+    the input at position (i + 0.5) T / L - 0.5, clamped to [0, T - 1] (F.interpolate's align_corners=
+    False rule: each output averages the inputs it covers, and T = L is the identity)."""
+    return F.interpolate(x[None], size=L, mode="linear", align_corners=False)[0]
+
+
+def read_features(folder, videos, L):
+    """Precomputed features, one <id>.npy or v_<id>.npy of shape (T, D) a video (T snippets in time order
+    covering the video; any T, one D) -> dict id -> (D, L), rescaled and layer-normalised like encoder
+    features (snippet_features). Every video needs its file."""
+    feats, dims, missing = {}, {}, []
+    for v in videos:
+        path = next((p for p in (Path(folder) / f"{v.id}.npy", Path(folder) / f"v_{v.id}.npy") if p.is_file()), None)
+        if path is None:
+            missing.append(v.id)
+            continue
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"{path}: not a numpy array file ({e})") from None
+        if x.ndim != 2 or min(x.shape) < 1 or x.dtype.kind not in "iuf" or not np.isfinite(x).all():
+            raise SystemExit(f"{path}: expected a finite (T, D) array of snippet features, got shape {x.shape}")
+        dims.setdefault(x.shape[1], path)
+        if len(dims) > 1:
+            raise SystemExit(f"{path}: D = {x.shape[1]}, but {dims[next(iter(dims))]} has D = {next(iter(dims))}")
+        y = rescale(torch.from_numpy(x.astype(np.float32)).T, L)                              # (D, L)
+        feats[v.id] = F.layer_norm(y.T, y.shape[:1]).T.contiguous()                           # (D, L)
+    if missing:
+        raise SystemExit(f"--features {folder}: no <id>.npy or v_<id>.npy for {len(missing)} video(s): "
+                         + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    return feats
+
+
+# Paper Sec. 3.3: stage 3 searches the head's learning rate in this set.
+LR_GRID = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+
+
+def train_head(args, head, opt, sched, feats, videos, start, rank, world, device, after_epoch=None):
+    """G-TAD head training on fixed features (D, L) of `videos`, epochs [start, args.epochs)."""
     L = args.snippets
-    x = torch.stack([feats[v.id] for v in train])                                      # (N, D, L)
-    labels = [batch_targets([data.normalised_segments(v)], L, "cpu") for v in train]
+    x = torch.stack([feats[v.id] for v in videos])                                     # (N, D, L)
+    labels = [batch_targets([data.normalised_segments(v)], L, "cpu") for v in videos]
     start_t, end_t, iou = (torch.cat(t) for t in zip(*labels))                          # (N, L), (N, L), (N, L, L)
-    head = gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim)).to(device)
-    model = DDP(head) if world > 1 else head
-    # G-TAD recipe (spec Sec. 4): Adam, weight decay 1e-4, lr x 0.1 after 5 of 10 epochs.
-    opt = torch.optim.Adam(head.parameters(), lr=args.lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.1)
-    start = resume_state(args, {"head": head}, opt, sched)
     ds = torch.utils.data.TensorDataset(x, start_t, end_t, iou)
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
-    clf = train_video_classifier(feats, train, classes, args.seed)
+    model = DDP(head) if world > 1 else head
     for epoch in range(start, args.epochs):
         t0 = time.time()
         sampler.set_epoch(epoch)
@@ -548,15 +605,97 @@ def stage_head(args, rank, world, device):
                 sums[k] = sums.get(k, 0.0) + v.item()
         lr = opt.param_groups[0]["lr"]           # the lr this epoch ran with
         sched.step()
+        if after_epoch:
+            after_epoch(epoch, dict(**{k: v / max(n, 1) for k, v in sums.items()}, lr=lr, time=round(time.time() - t0, 2)))
+    return head.eval()
+
+
+def head_and_optimizer(args, dim, lr, device):
+    # G-TAD recipe (spec Sec. 4): Adam, weight decay 1e-4, lr x 0.1 after 5 of 10 epochs.
+    head = gtad.GTAD(gtad.GTADConfig(feat_dim=dim)).to(device)
+    opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
+    return head, opt, torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.1)
+
+
+def search_lr(args, feats, train, classes, rank, world, device):
+    """The paper's lr search (Sec. 3.3), scored by average mAP on a held-out tenth of the *training*
+    videos (a seeded draw) after training on the other nine tenths: the validation subset is never used."""
+    held = set(np.random.default_rng([args.seed, 10]).permutation(len(train))[:max(1, len(train) // 10)].tolist())
+    fit = [v for i, v in enumerate(train) if i not in held]
+    dev = [v for i, v in enumerate(train) if i in held]
+    gt = dict(database={v.id: dict(subset="validation", duration=v.duration, annotations=[
+        dict(segment=list(map(float, s)), label=lab) for s, lab in zip(v.segments, v.labels)]) for v in dev})
+    clf = train_video_classifier(feats, fit, classes, args.seed)
+    scores = {}
+    for lr in LR_GRID:
+        head = train_head(args, *head_and_optimizer(args, feats[train[0].id].shape[0], lr, device), feats, fit, 0,
+                          rank, world, device)
+        results = {v.id: detections_for(head, feats[v.id], v.duration, video_class_scores(clf, feats[v.id]),
+                                        classes, args, device) for v in dev}
+        scores[lr] = evaluate.detection_map(gt, dict(results=results))[1] if any(results.values()) else 0.0
+        print0(f"lr search: lr {lr:g} -> {100 * scores[lr]:.2f} average mAP on {len(dev)} held-out training videos")
+    best = [max(scores, key=scores.get)]
+    if world > 1:
+        dist.broadcast_object_list(best, src=0)            # ranks agree even if their scores differ
+    return best[0], scores
+
+
+@torch.no_grad()
+def recalibrate_bn(args, encoder, videos, device):
+    """Re-estimate the encoder's BatchNorm statistics at full fidelity on `videos` (beyond the paper).
+
+    Stage 2 leaves the running statistics of its last low-fidelity configuration (e.g. 112^2 frames),
+    and stage 3 then normalises full-fidelity frames with them. Weights do not change: every BatchNorm
+    averages its batch statistics over all the given videos (momentum None), then the encoder is frozen
+    again. Every rank uses the same videos, so the statistics agree across ranks."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    full, _ = fidelity_grid(args)
+    ds = tal_dataset(args, videos)
+    encoder.train()
+    for batch in tqdm(loader(ds, [[(i, full)] for i in range(len(ds))], args, device), desc="bn-recal", leave=False,
+                      disable=dist.is_initialized() and dist.get_rank() > 0):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+            encoder(tsm.normalize(batch["frames"].flatten(0, 1).to(device)))               # (B*L, F, 3, H, W)
+    for m in norms:
+        m.momentum = 0.1
+    return encoder.eval()
+
+
+def stage_head(args, rank, world, device):
+    if args.init == "none" and not args.features:
+        print0("stage head: the encoder is frozen and random; --init should name imagenet or a stage-1 or stage-2 checkpoint")
+    train, _ = load_split(args, "training")
+    val, _ = load_split(args, "validation")
+    classes = data.class_names(train + val)
+    if args.features:                              # no encoder: the head trains on the given features
+        encoder, feats = None, read_features(args.features, train + val, args.snippets)
+    else:
+        encoder = build_encoder(args).to(device, memory_format=torch.channels_last).eval()
+        if args.bn_recal:
+            pick = np.random.default_rng([args.seed, 11]).permutation(len(train))[:args.bn_recal]
+            encoder = recalibrate_bn(args, encoder, [train[i] for i in sorted(pick)], device)
+        feats = features_for(args, encoder, train + val, rank, world, device)
+    if args.lr_search:
+        args.lr, scores = search_lr(args, feats, train, classes, rank, world, device)
+        print0(f"lr search: stage 3 trains with lr {args.lr:g}")
+    head, opt, sched = head_and_optimizer(args, feats[train[0].id].shape[0], args.lr, device)
+    start = resume_state(args, {"head": head}, opt, sched)
+    clf = train_video_classifier(feats, train, classes, args.seed)
+
+    def after_epoch(epoch, record):
         if rank == 0:
             save_checkpoint(Path(args.out) / "last.pt", dict(
-                stage="head", encoder=encoder.state_dict(), encoder_cfg=asdict(encoder.cfg), head=head.state_dict(),
-                head_cfg=asdict(head.cfg), video_classifier=clf.state_dict(), classes=classes,
-                optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1, args=vars(args)))
-        log_epoch(args, dict(stage="head", epoch=epoch, **{k: v / max(n, 1) for k, v in sums.items()},
-                             lr=lr, time=round(time.time() - t0, 2)))
+                stage="head", encoder=encoder and encoder.state_dict(), encoder_cfg=encoder and asdict(encoder.cfg),
+                head=head.state_dict(), head_cfg=asdict(head.cfg), video_classifier=clf.state_dict(),
+                classes=classes, optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch + 1,
+                args=vars(args)))
+        log_epoch(args, dict(stage="head", epoch=epoch, **record))
+    train_head(args, head, opt, sched, feats, train, start, rank, world, device, after_epoch)
     if rank == 0:
-        detect_and_evaluate(args, head.eval(), clf, feats, val, classes, device)
+        detect_and_evaluate(args, head, clf, feats, val, classes, device)
 
 
 def detections_for(head, feat, duration, class_scores, class_names, args, device):
@@ -698,6 +837,9 @@ def stage_detect(args):
     ck = load_checkpoint(run / "last.pt")
     if ck.get("stage") != "head":
         raise SystemExit(f"{run / 'last.pt'} is not a stage-3 (head) checkpoint")
+    if ck.get("encoder") is None:
+        raise SystemExit(f"{run / 'last.pt'}: this head was trained on precomputed features (--features); "
+                         "it has no encoder to turn a video into features")
     encoder = tsm.TSM(tsm.TSMConfig(**ck["encoder_cfg"]))
     encoder.load_state_dict(ck["encoder"])
     head = gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"]))

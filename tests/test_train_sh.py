@@ -23,3 +23,11 @@ def test_bad_flags_are_refused(tmp_path):
     anno.write_text("{}")
     r = train_sh("--anno", str(anno), "--videos", str(tmp_path / "missing"))
     assert r.returncode == 2 and "video folder" in r.stderr
+
+
+def test_init_names_a_checkpoint_or_imagenet(tmp_path):
+    r = train_sh("--init", str(tmp_path / "k400_tsm.pt"), "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "--init" in r.stderr and "k400_tsm.pt" in r.stderr
+    assert not (tmp_path / "runs").exists()
+    r = train_sh("--help")
+    assert r.returncode == 0 and "--init PATH|imagenet" in r.stdout and "skip stage 1" in r.stdout

@@ -8,6 +8,9 @@ import pytest
 import torch
 import torchvision
 
+import data
+import lofi
+
 from tsm import MEAN, STD, TSM, TemporalShift, TSMConfig, load_weights, normalize, temporal_shift
 
 
@@ -276,3 +279,38 @@ def test_bad_input_shape_is_rejected():
         TSM(TSMConfig())(torch.randn(4, 3, 32, 32))
     with pytest.raises(ValueError, match="depth"):
         TSM(TSMConfig(depth=101))
+
+
+# ----------------------------------------------------------------------------- the shift, end to end
+def test_shift_learns_motion_that_tsn_cannot(tmp_path):
+    """The synthetic classes differ only in how an object moves, and the shift is TSM's only way to
+    compare frames: trained alike, TSM must beat the same network with shift_div = 0 (TSN, which sees
+    each frame apart and only averages them). Measured: TSM 0.80, TSN 0.68 validation clip accuracy
+    (chance 0.33; TSN reads some motion from where the object is in each of the four frames)."""
+    anno = data.synth(tmp_path, videos=64, seed=7)
+    videos, _ = data.read_annotations(anno)
+    classes = data.class_names(videos)
+
+    def clips(subset, draws, augment):             # random clip positions (and looks), loaded once
+        ds = data.ClipDataset([v for v in videos.values() if v.subset == subset], tmp_path / "videos", classes,
+                              4, 2, size=(64, 64), train=True, seed=1, augment=augment)
+        items = [ds[k] for e in range(draws) if ds.set_epoch(e) is None for k in range(len(ds))]
+        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])   # (N, 4, 3, 64, 64), (N,)
+    (x_train, y_train), (x_val, y_val) = clips("training", 8, True), clips("validation", 4, False)
+    accuracy = {}
+    for shift_div in (8, 0):
+        torch.manual_seed(0)
+        net = lofi.ClipNet(TSM(TSMConfig(shift_div=shift_div)), len(classes)).to(memory_format=torch.channels_last)
+        opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
+        draw = torch.Generator().manual_seed(0)
+        for _ in range(400):                        # stage 1's recipe (tiny preset, --amp), fewer steps
+            b = torch.randint(len(x_train), (16,), generator=draw)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = torch.nn.functional.cross_entropy(net(x_train[b]).float(), y_train[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        net.eval()
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            accuracy[shift_div] = (net(x_val).argmax(1) == y_val).float().mean().item()
+    assert accuracy[8] >= accuracy[0] + 0.1, accuracy
