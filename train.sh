@@ -41,8 +41,9 @@ if [ -n "$ANNO$VIDEOS" ]; then
   [ -f "$ANNO" ] || die "annotation file '$ANNO' not found (--anno)"
   [ -d "$VIDEOS" ] || die "video folder '$VIDEOS' not found (--videos)"
 else
-  ANNO=data/synth/anno.json VIDEOS=data/synth/videos
-  [ -f "$ANNO" ] || python data.py synth data/synth                      # synthetic dataset, once
+  SYNTH=data/synth$([ "$SEED" = 0 ] || echo "-seed$SEED")             # --seed S draws the videos too
+  ANNO=$SYNTH/anno.json VIDEOS=$SYNTH/videos
+  [ -f "$ANNO" ] || python data.py synth "$SYNTH" --seed "$SEED"        # synthetic dataset, once
 fi
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")

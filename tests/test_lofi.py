@@ -241,3 +241,42 @@ def test_bad_feature_files_are_refused_by_name(oracle, tmp_path):
     np.save(feats / files[0].name, np.zeros(20, np.float32))
     with pytest.raises(SystemExit, match=r"expected a finite \(T, D\) array"):
         lofi.main(args)
+
+
+def test_lr_search_scores_held_out_training_videos_only(oracle, tmp_path, monkeypatch):
+    scored = []
+    real = lofi.evaluate.detection_map
+
+    def spy(gt, pred, *a, **k):
+        if isinstance(gt, dict):                                   # the search's own ground truth
+            scored.append(set(gt["database"]))
+        return real(gt, pred, *a, **k)
+    monkeypatch.setattr(lofi.evaluate, "detection_map", spy)
+    out = tmp_path / "head"
+    lofi.main(["--stage", "head", "--preset", "tiny", "--anno", str(oracle / "anno.json"), "--features",
+               str(oracle / "features"), "--out", str(out), "--workers", "0", "--epochs", "2", "--lr-search"])
+    anno = json.load(open(oracle / "anno.json"))["database"]
+    training = {k for k, v in anno.items() if v["subset"] == "training"}
+    assert len(scored) == len(lofi.LR_GRID)                       # one score per lr of the paper's set
+    assert all(s == scored[0] and s < training and len(s) == len(training) // 10 for s in scored)
+    assert json.load(open(out / "args.json"))["lr"] in lofi.LR_GRID
+
+
+def test_bn_recal_averages_full_fidelity_batch_statistics(synth, tmp_path):
+    """The stem BatchNorm's running mean after --bn-recal N equals the mean, over the N videos, of
+    each video's batch mean of the stem convolution, computed here directly from the frames."""
+    lofi.main(["--stage", "acp", *SMALL, *synth, "--out", str(tmp_path / "acp"), "--epochs", "1"])
+    lofi.main(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "head"), "--epochs", "1",
+               "--init", str(tmp_path / "acp" / "last.pt"), "--bn-recal", "3"])
+    before, after = (params(tmp_path / d / "last.pt", "encoder") for d in ("acp", "head"))
+    assert torch.equal(before["conv1.weight"], after["conv1.weight"])          # weights untouched
+    args = lofi.get_args(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "x")])
+    train, _ = lofi.load_split(args, "training")
+    pick = np.random.default_rng([args.seed, 11]).permutation(len(train))[:3]
+    ds = lofi.tal_dataset(args, [train[i] for i in sorted(pick)])
+    means = []
+    for i in range(len(ds)):
+        frames = ds[i]["frames"].flatten(0, 1)                                   # (L*F, 3, H, W)
+        y = torch.nn.functional.conv2d(lofi.tsm.normalize(frames), before["conv1.weight"], stride=2, padding=3)
+        means.append(y.mean((0, 2, 3)))
+    torch.testing.assert_close(after["bn1.running_mean"], torch.stack(means).mean(0), rtol=1e-4, atol=1e-5)
