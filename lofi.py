@@ -540,7 +540,7 @@ def video_class_scores(clf, feat):
 def rescale(x, L):
     """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples
     the input at position (i + 0.5) T / L - 0.5, clamped to [0, T - 1] (F.interpolate's align_corners=
-    False rule: each output averages the inputs it covers, and T = L is the identity)."""
+    False rule: bin centres map to bin centres, and T = L is the identity)."""
     return F.interpolate(x[None], size=L, mode="linear", align_corners=False)[0]
 
 
@@ -548,7 +548,7 @@ def read_features(folder, videos, L):
     """Precomputed features, one <id>.npy or v_<id>.npy of shape (T, D) a video (T snippets in time order
     covering the video; any T, one D) -> dict id -> (D, L), rescaled and layer-normalised like encoder
     features (snippet_features). Every video needs its file."""
-    feats, dims, missing = {}, {}, []
+    feats, first, missing = {}, None, []                   # first: (D, path) of the first file read
     for v in videos:
         path = next((p for p in (Path(folder) / f"{v.id}.npy", Path(folder) / f"v_{v.id}.npy") if p.is_file()), None)
         if path is None:
@@ -560,9 +560,9 @@ def read_features(folder, videos, L):
             raise SystemExit(f"{path}: not a numpy array file ({e})") from None
         if x.ndim != 2 or min(x.shape) < 1 or x.dtype.kind not in "iuf" or not np.isfinite(x).all():
             raise SystemExit(f"{path}: expected a finite (T, D) array of snippet features, got shape {x.shape}")
-        dims.setdefault(x.shape[1], path)
-        if len(dims) > 1:
-            raise SystemExit(f"{path}: D = {x.shape[1]}, but {dims[next(iter(dims))]} has D = {next(iter(dims))}")
+        first = first or (x.shape[1], path)
+        if x.shape[1] != first[0]:
+            raise SystemExit(f"{path}: D = {x.shape[1]}, but {first[1]} has D = {first[0]}")
         y = rescale(torch.from_numpy(x.astype(np.float32)).T, L)                              # (D, L)
         feats[v.id] = F.layer_norm(y.T, y.shape[:1]).T.contiguous()                           # (D, L)
     if missing:
