@@ -7,7 +7,7 @@ fidelity L x H x W (Eq. 1) and S-, T-, ST-LoFi (Eq. 2-4), cycled by C-LoFi every
 cycle) or every c_s batches (short cycle); Sec. 4.3: r_s = 2, r_t = 4, and (r_t, r_s) = (2, sqrt 2).
 
     python data.py synth data/synth --videos 128 --seed 0    # mp4 files + ActivityNet-style anno.json
-    python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--count]
+    python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--deep]
 
 Frames are decoded once, sequentially, with OpenCV, at full resolution (optionally into a frame cache);
 every lower fidelity is resized from those frames, so cached and uncached batches are identical.
@@ -19,6 +19,7 @@ import math
 import os
 import sys
 import uuid
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,17 @@ import torch
 EXTENSIONS = ("mp4", "mkv", "webm", "avi")
 TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
 SYNTH_CLASSES = ("circular", "horizontal", "vertical")
+
+
+class BadInput(ValueError):
+    """A bad flag, file or annotation: the scripts print its message as one line and exit with 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (`prog: error: ...`), exit code 2, as for every bad input."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 # ----------------------------------------------------------------------------- fidelity (Sec. 3.2)
@@ -91,10 +103,12 @@ def read_annotations(path, subset=None):
     those left empty are dropped; both are counted and listed in report['problems']."""
     try:
         entries = json.loads(Path(path).read_text())["database"].items()
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    except OSError as e:
+        raise BadInput(f"{path}: cannot read the annotation file ({e.strerror})") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadInput(f"{path}: not valid JSON ({e})") from None
     except (KeyError, TypeError, AttributeError):
-        raise ValueError(f"{path}: no 'database' mapping (ActivityNet / HACS layout expected)") from None
+        raise BadInput(f"{path}: no 'database' mapping (ActivityNet / HACS layout expected)") from None
     videos, report = {}, dict(videos=0, segments=0, clipped=0, dropped=0, problems=[])
     for raw_id, entry in entries:
         # YouTube ids are 11 characters; a 13-character 'v_...' is the file-name prefix (two real
@@ -110,9 +124,9 @@ def read_annotations(path, subset=None):
             if segs.ndim != 2 or segs.shape[1] != 2 or segs.dtype.kind not in "iuf":
                 raise ValueError("a segment is not two numbers")
         except (KeyError, TypeError, ValueError, AttributeError) as e:
-            raise ValueError(f"{path}: video {raw_id}: malformed entry ({e})") from None
+            raise BadInput(f"{path}: video {raw_id}: malformed entry ({e})") from None
         if not duration > 0 or not np.isfinite(segs).all() or vid in videos:
-            raise ValueError(f"{path}: video {raw_id}: repeated, or a duration or segment not finite and positive")
+            raise BadInput(f"{path}: video {raw_id}: repeated, or a duration or segment not finite and positive")
         inside = np.clip(segs.astype(np.float64), 0.0, duration)                          # (N, 2)
         keep, moved = inside[:, 1] > inside[:, 0], (inside != segs).any(1)
         for (s, e), k, m in zip(segs, keep, moved):
@@ -138,6 +152,27 @@ def class_names(videos):
 # ----------------------------------------------------------------------------- files and decoding
 class VideoError(RuntimeError):
     """A video that cannot be used; the message names the file (hence the video id) and the reason."""
+
+
+def video_files(video_dir):
+    """One listing of a video folder -> dict id -> path (<id>.<ext> before v_<id>.<ext>, extensions in
+    EXTENSIONS order, as find_video): one directory read instead of 8 stat calls a video on a shared
+    filesystem (80k for ActivityNet)."""
+    found = {}
+    for name in sorted(os.listdir(video_dir)):
+        stem, _, ext = name.rpartition(".")
+        if ext not in EXTENSIONS:
+            continue
+        for vid, prefixed in [(stem, 0)] + ([(stem[2:], 1)] if stem.startswith("v_") else []):
+            key = (prefixed, EXTENSIONS.index(ext))
+            if vid not in found or key < found[vid][0]:
+                found[vid] = (key, Path(video_dir) / name)
+    return {vid: path for vid, (_, path) in found.items()}
+
+
+def worker_init(_):
+    """DataLoader workers decode with one OpenCV thread each: the workers are the parallelism."""
+    cv2.setNumThreads(1)
 
 
 def find_video(video_dir, vid):
@@ -266,11 +301,25 @@ def read_snippets(path, full, F=8, stride=8):
 
 
 # ----------------------------------------------------------------------------- checks
-def check(videos, video_dir, decode=True, classes=None, count=False):
+def _probe(path, deep):
+    """-> (frames decoded, frames the container states, fps), or the reason the file is unusable.
+    grab() decodes: deep counts every frame, otherwise only the first one."""
+    try:
+        cap, n, fps = open_video(path)
+    except VideoError as e:
+        return str(e)
+    try:
+        return (sum(1 for _ in iter(cap.grab, False)) if deep else int(cap.grab())), n, fps
+    finally:
+        cap.release()
+
+
+def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1):
     """-> (errors, warnings). Errors would break or mislabel training: missing or undecodable files,
     zero frames, a duration mismatch beyond tolerance, empty or (given `classes`) unknown labels.
-    The datasets run it with decode=False at start-up; decoding problems surface on read."""
-    errors, warnings = [], []
+    decode=False only looks for the files; deep decodes every frame (in `workers` processes) and
+    compares the count with the container's."""
+    errors, warnings, files, probe = [], [], video_files(video_dir), []
     for v in videos:
         for label in v.labels:
             if not label.strip():
@@ -279,37 +328,54 @@ def check(videos, video_dir, decode=True, classes=None, count=False):
                 errors.append(f"{v.id}: label '{label}' is not a training class")
         if len(v.segments) == 0:
             warnings.append(f"{v.id}: no action instance")
-        try:
-            path = find_video(video_dir, v.id)
-            if not decode:
+        if v.id not in files:
+            errors.append(f"{v.id}: no video file <id> or v_<id> .{'/.'.join(EXTENSIONS)} in {video_dir}")
+        elif decode:
+            probe.append(v)
+    paths = [files[v.id] for v in probe]
+    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 1 else _Serial() as pool:
+        found = pool.map(_probe, paths, [deep] * len(paths), chunksize=max(1, len(paths) // (8 * workers)))
+        for v, path, got in zip(probe, paths, found):
+            if isinstance(got, str):
+                errors.append(f"{v.id}: {got}")
                 continue
-            cap, n, fps = open_video(path)
-            decoded = sum(1 for _ in iter(cap.grab, False)) if count else int(cap.grab())   # grab() decodes
-            cap.release()
-        except (FileNotFoundError, VideoError) as e:
-            errors.append(f"{v.id}: {e}")
-            continue
-        if decoded == 0:
-            errors.append(f"{v.id}: {path}: no frame decodes (the container states {n})")
-            continue
-        if count and decoded != n:
-            (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
-                f"{v.id}: {path}: {decoded} frames decode, the container states {n}")
-        n = decoded if count else n
-        if _mismatch(n / fps, v.duration):
-            errors.append(f"{v.id}: {path}: lasts {n / fps:.2f} s, annotated {v.duration:.2f} s")
+            decoded, n, fps = got
+            if decoded == 0:
+                errors.append(f"{v.id}: {path}: no frame decodes (the container states {n})")
+                continue
+            if deep and decoded != n:
+                (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
+                    f"{v.id}: {path}: {decoded} frames decode, the container states {n}")
+            n = decoded if deep else n
+            if _mismatch(n / fps, v.duration):
+                errors.append(f"{v.id}: {path}: lasts {n / fps:.2f} s, annotated {v.duration:.2f} s")
     return errors, warnings
+
+
+class _Serial:
+    """ProcessPoolExecutor's map in this process (one worker, or one file)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def map(self, fn, *iterables, chunksize=1):
+        return map(fn, *iterables)
 
 
 # ----------------------------------------------------------------------------- datasets
 def _usable(videos, video_dir, classes=None):
-    """The datasets' fail-fast start: the cheap half of `check`, then each video's file."""
+    """The datasets' fail-fast start: the cheap half of `check`, then each video's file. (lofi.py drops
+    videos without a file, with a record, before it builds a dataset.)"""
     videos = list(videos.values() if isinstance(videos, dict) else videos)
     errors, _ = check(videos, video_dir, decode=False, classes=classes)
     if errors:
-        raise ValueError(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
-                         + "\n".join(errors[:20]))
-    return videos, [find_video(video_dir, v.id) for v in videos]
+        raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
+                       + "\n".join(errors[:20]))
+    files = video_files(video_dir)
+    return videos, [files[v.id] for v in videos]
 
 
 def _atomic_save(path, write):
@@ -332,11 +398,28 @@ def normalised_segments(video):
     return torch.from_numpy(np.clip(video.segments / video.duration, 0, 1)).float()
 
 
+def replacing(read, n, index, name):
+    """read(index), or, if that video is broken (VideoError), read() of the next index that works
+    (cyclically: deterministic, same split) -> (item, [dict(id, reason, by)] of the videos it replaced).
+    A broken video costs a wasted decode each epoch, but the batch and every rank keep their size."""
+    replaced = []
+    for k in range(n):
+        try:
+            item = read((index + k) % n)
+        except (VideoError, OSError) as e:             # OSError: e.g. a file deleted since the start
+            replaced.append(dict(id=name(index + k), reason=str(e)))
+            continue
+        return item, [dict(r, by=name(index + k)) for r in replaced]
+    raise VideoError(f"all {n} videos failed to decode; the first: {replaced[0]['reason']}")
+
+
 class TALDataset(torch.utils.data.Dataset):
     """Item (index, Fidelity) -> dict(frames uint8 (L, F, 3, H, W), segments float32 (N, 2) in [0, 1]
-    of the annotated duration, labels [str], id, duration, fidelity). A plain index means full fidelity.
-    With cache_dir, the first read of a video decodes the union of the snippet frames of every L in
-    cache_levels at full H x W into one .npy (memory-mapped later); any fidelity is resized from it."""
+    of the annotated duration, labels [str], id, duration, fidelity, replaced). A plain index means full
+    fidelity. A broken video is replaced by the next one that decodes, listed in `replaced` (see
+    `replacing`): the item is then entirely the other video's. With cache_dir, the first read of a video
+    decodes the union of the snippet frames of every L in cache_levels at full H x W into one .npy
+    (memory-mapped later); any fidelity is resized from it."""
 
     def __init__(self, videos, video_dir, F, stride, cache_dir=None, cache_levels=None, full=Fidelity(100, 224, 224)):
         self.videos, self.paths = _usable(videos, video_dir)
@@ -351,10 +434,13 @@ class TALDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, fid = item if isinstance(item, tuple) else (item, self.full)
-        v, frames = self.videos[index], self._full_frames(index, fid.L)           # (L, F, 3, H0, W0)
+        n = len(self.videos)
+        (index, frames), replaced = replacing(lambda i: (i, self._full_frames(i, fid.L)), n, index,
+                                              lambda i: self.videos[i % n].id)         # (L, F, 3, H0, W0)
+        v = self.videos[index]
         return dict(frames=torch.from_numpy(resize_frames(frames, (fid.H, fid.W))),   # (L, F, 3, H, W)
                     segments=normalised_segments(v),                                          # (N, 2)
-                    labels=list(v.labels), id=v.id, duration=v.duration, fidelity=fid)
+                    labels=list(v.labels), id=v.id, duration=v.duration, fidelity=fid, replaced=replaced)
 
     def _full_frames(self, index, L):
         if self.cache_dir is None:
@@ -384,21 +470,26 @@ class TALDataset(torch.utils.data.Dataset):
 
 def collate(batch):
     """TALDataset items -> dict(frames uint8 (B, L, F, 3, H, W), segments [tensor (N, 2)], labels,
-    ids, durations float64 (B,), fidelity). Every item of a batch must share one fidelity."""
+    ids, durations float64 (B,), fidelity, replaced [dict]). Every item of a batch must share one fidelity."""
     fids = {b["fidelity"] for b in batch}
     if len(fids) != 1:
         raise ValueError(f"a batch mixes fidelities {sorted(map(str, fids))}")
     # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
     return dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]),   # (B, L, F, 3, H, W)
                 segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch],
-                ids=[b["id"] for b in batch], fidelity=fids.pop(),
+                ids=[b["id"] for b in batch], fidelity=fids.pop(), replaced=[r for b in batch for r in b["replaced"]],
                 durations=torch.tensor([b["duration"] for b in batch], dtype=torch.float64))   # (B,)
 
 
 class ClipDataset(torch.utils.data.Dataset):
     """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> (frames uint8
-    (F, 3, H, W), class index). Random position when training, drawn from (seed, epoch, index); centred otherwise."""
-    collate = staticmethod(torch.utils.data.default_collate)    # lofi.py's loader() takes a dataset's own collate
+    (F, 3, H, W), class index, replaced). Random position when training, drawn from (seed, epoch, index);
+    centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
+
+    @staticmethod
+    def collate(batch):                     # lofi.py's loader() takes a dataset's own collate
+        frames, labels, replaced = zip(*batch)
+        return torch.stack(frames), torch.tensor(labels), [r for rs in replaced for r in rs]
 
     def __init__(self, videos, video_dir, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
         self.videos, self.paths = _usable(videos, video_dir, classes)
@@ -414,6 +505,11 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, k):
+        n = len(self.items)
+        (frames, label), replaced = replacing(self._clip, n, k, lambda q: self.videos[self.items[q % n][0]].id)
+        return frames, label, replaced
+
+    def _clip(self, k):
         i, j = self.items[k]
         v, (start, end) = self.videos[i], self.videos[i].segments[j]
         u = np.random.default_rng([self.seed, self.epoch, k]).random() if self.train else 0.5
@@ -456,25 +552,26 @@ class FidelityBatchSampler:
                  rank=0, world_size=1, seed=0, shuffle=True, drop_last=True):
         self.n, self.B, self.configs, self.cycle = num_items, batch_size_per_rank, list(configs), cycle
         self.c_l, self.c_s, self.rank, self.world, self.seed = c_l, c_s, rank, world_size, seed
-        self.shuffle, self.epoch = shuffle, 0
+        self.shuffle, self.epoch, self.start_step = shuffle, 0, 0
         G = batch_size_per_rank * world_size
         self.steps = num_items // G if drop_last else -(-num_items // G)
         if self.steps == 0:
             raise ValueError(f"{num_items} items cannot fill one batch of {world_size} x {batch_size_per_rank}")
         fidelity_at(self.configs, cycle, 0, 0, c_l, c_s)        # fail now on a bad cycle name
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
+    def set_epoch(self, epoch, start_step=0):
+        """start_step: skip the epoch's first steps (a run resumed from a mid-epoch checkpoint)."""
+        self.epoch, self.start_step = epoch, start_step
 
     def __len__(self):
-        return self.steps
+        return self.steps - self.start_step
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
         G = self.B * self.world
         order = (order * -(-self.steps * G // self.n))[:self.steps * G]
-        for s in range(self.steps):
+        for s in range(self.start_step, self.steps):
             fid = fidelity_at(self.configs, self.cycle, self.epoch, self.epoch * self.steps + s, self.c_l, self.c_s)
             start = s * G + self.rank * self.B
             yield [(i, fid) for i in order[start:start + self.B]]
@@ -573,7 +670,7 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
 
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(prog="data.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
     p.add_argument("out_dir")
@@ -583,17 +680,28 @@ def main(argv=None):
     p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON")
     p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
     p.add_argument("--subset", default=None, help="check only this subset (default: all)")
-    p.add_argument("--count", action="store_true", help="decode every frame, compare with the container (slow)")
+    p.add_argument("--deep", action="store_true", help="decode every frame and compare the count with the "
+                   "container's (ActivityNet: ~22 h of decoding, split over --workers)")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     args = parser.parse_args(argv)
     if args.command == "synth":
+        if args.videos < 4 or args.seed < 0:
+            parser.error("synth: --videos must be at least 4 (3:1 training:validation) and --seed non-negative")
         anno = synth(args.out_dir, args.videos, args.seed)
         print(f"{args.videos} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
         return 0
-    everything, _ = read_annotations(args.anno)
-    videos, report = read_annotations(args.anno, args.subset)
+    if args.workers < 1:
+        parser.error(f"--workers must be at least 1, got {args.workers}")
+    if not Path(args.videos).is_dir():
+        parser.error(f"--videos {args.videos}: not a folder")
+    try:
+        everything, _ = read_annotations(args.anno)
+        videos, report = read_annotations(args.anno, args.subset)
+    except BadInput as e:
+        parser.error(str(e))
     training = [v for v in everything.values() if v.subset == "training"]
     classes = class_names(training) if training else None
-    errors, warnings = check(videos.values(), args.videos, classes=classes, count=args.count)
+    errors, warnings = check(videos.values(), args.videos, classes=classes, deep=args.deep, workers=args.workers)
     warnings = report["problems"] + warnings
     for line in [f"error: {e}" for e in errors] + [f"warning: {w}" for w in warnings]:
         print(line)

@@ -9,10 +9,8 @@ Localization" (NeurIPS 2021), Sec. 3.1 / Fig. 1, as three stages of one program:
   --stage head   (3) frozen encoder, full-fidelity features, a fresh G-TAD head, detections, mAP
 and two utilities: --stage plan (training memory of every fidelity) and --stage detect (one video).
 
-  python lofi.py --stage lofi --preset tiny --anno data/synth/anno.json --videos data/synth/videos \
-      --out runs/lofi --init runs/acp/last.pt                      # one process (CPU or one GPU)
-  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long --anno A.json --videos DIR \
-      --out runs/lofi --init runs/acp/last.pt                      # 4 GPUs, paper preset
+  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long   # after bash train.sh: its data and stage 1
+  python lofi.py --stage lofi --preset paper --anno A.json --videos DIR --out runs/lofi --init runs/acp/last.pt
   python lofi.py --stage plan --preset tiny                         # needs no dataset
 `bash train.sh` runs the whole pipeline on a synthetic dataset on a CPU in 8.5-9.5 min on 2 cores:
 average mAP 52.1 +- 4.0 (baseline) vs 47.7 +- 9.0 (LoFi) over three seeds, i.e. no LoFi gain at this
@@ -20,9 +18,11 @@ scale (README says why). Paper preset on one H200: S, T and ST-LoFi each need 0.
 full-fidelity video takes to train.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -51,34 +51,41 @@ import tsm
 PRESETS = {
     "paper": dict(snippets=100, frames=8, stride=8, size=224, batch_size=16, workers=8, amp=False,
                   acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16, acp_workers=8,
-                  lofi_epochs=15, lofi_lr=0.1, lofi_step=5, lofi_momentum=0.0,
+                  lofi_epochs=15, lofi_lr=0.1, lofi_optim="sgd", lofi_step=5, lofi_momentum=0.0,
                   head_epochs=10, head_lr=1e-3, head_step=5),
     "tiny": dict(snippets=32, frames=4, stride=2, size=64, batch_size=4, workers=2, amp=False,
                  acp_epochs=60, acp_lr=1e-3, acp_optim="adam", acp_batch_size=16, acp_workers=0,
-                 lofi_epochs=6, lofi_lr=0.0025, lofi_step=5, lofi_momentum=0.9,
+                 lofi_epochs=6, lofi_lr=1e-3, lofi_optim="adam", lofi_step=5, lofi_momentum=0.0,
                  head_epochs=20, head_lr=2e-3, head_step=15),
 }
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = data.Parser(prog="lofi.py", description=__doc__.split("\n")[0])
     # stage and data
     p.add_argument("--stage", required=True, choices=["acp", "lofi", "head", "plan", "detect"])
-    p.add_argument("--anno", help="ActivityNet/HACS-format annotation JSON")
-    p.add_argument("--videos", help="folder with <id>.mp4 or v_<id>.mp4 (mkv, webm, avi)")
+    p.add_argument("--anno", help="ActivityNet/HACS-format annotation JSON (default: data/synth/anno.json, "
+                   "the synthetic set bash train.sh makes)")
+    p.add_argument("--videos", help="folder with <id>.mp4 or v_<id>.mp4 (mkv, webm, avi) (default: the "
+                   "'videos' folder beside --anno)")
     p.add_argument("--features", help="head: folder of precomputed <id>.npy or v_<id>.npy (T, D) snippet "
                    "features, in place of an encoder and --videos")
-    p.add_argument("--out", default="runs/lofi", help="run folder: checkpoints, logs, features")
-    p.add_argument("--preset", default="paper", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU")
+    p.add_argument("--out", help="run folder: checkpoints, logs, features (default: runs/<stage>, and "
+                   "runs/lofi_head for head, as train.sh lays them out)")
+    p.add_argument("--preset", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU (default: paper "
+                   "when CUDA is available, else tiny)")
     p.add_argument("--snippets", type=int, help="full-fidelity L (paper: 100)")
     p.add_argument("--frames", type=int, help="frames per snippet F (paper: 8)")
     p.add_argument("--stride", type=int, help="frame stride inside a snippet (paper: 8, i.e. a 64-frame window)")
     p.add_argument("--size", type=int, help="full-fidelity frame side H = W (paper: 224)")
     p.add_argument("--cache", help="frame cache folder, or 'none' (tiny: <out>/../cache; paper: none, it takes "
                    "~200 MB a video at 224^2)")
+    p.add_argument("--max-bad", type=float, default=0.1, help="stop when more than this fraction of a split's "
+                   "videos are missing or fail to decode (a wrong folder, not a few dead downloads)")
     # model
     p.add_argument("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
-    p.add_argument("--init", default="none", help="none | imagenet | PATH (TSM release, torchvision or lofi checkpoint)")
+    p.add_argument("--init", help="none | imagenet | PATH (TSM release, torchvision or lofi checkpoint); default: "
+                   "none for acp, <out>/../acp/last.pt for lofi, <out>/../lofi/last.pt for head, where they exist")
     # fidelity (stage 2)
     p.add_argument("--fidelity", choices=["s", "t", "st", "full"], help="one LoFi configuration (Eq. 2-4) instead "
                    "of a cycle; full: end to end at full fidelity, the upper bound that fits only at tiny scale")
@@ -89,8 +96,7 @@ def get_args(argv=None):
     p.add_argument("--epochs", type=int, help="default: the preset's value for the stage")
     p.add_argument("--batch-size", type=int, help="global batch (videos or clips), split over ranks")
     p.add_argument("--lr", type=float, help="default: the preset's value for the stage")
-    p.add_argument("--momentum", type=float, help="stage 2 SGD momentum (paper: 0; tiny: 0.9, as it runs "
-                   "~150 steps instead of thousands)")
+    p.add_argument("--momentum", type=float, help="stage 2 SGD momentum (paper: 0; tiny uses AdamW)")
     p.add_argument("--workers", type=int, help="DataLoader workers per rank")
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast, no loss scaling needed "
                    "(train.sh turns it on for the tiny preset)")
@@ -111,10 +117,16 @@ def get_args(argv=None):
     p.add_argument("--run", help="detect: a stage-3 run folder")
     # run control
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--save-every", type=int, default=0, help="acp, lofi: also write <out>/last.pt every N steps "
+                   "inside an epoch (an ActivityNet epoch takes tens of minutes; 0: at epoch ends only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-steps", type=int, help="stop each epoch after this many steps (tests, dry runs)")
     args = p.parse_args(argv)
+    if args.preset is None:
+        args.preset = "paper" if torch.cuda.is_available() else "tiny"
     preset = PRESETS[args.preset]
+    if args.out is None:
+        args.out = "runs/" + ("lofi_head" if args.stage == "head" else args.stage)
     if args.cache is None:
         args.cache = str(Path(args.out).parent / "cache") if args.preset == "tiny" else "none"
     if args.stage == "acp":          # clips are far smaller than videos; tiny ones decode faster in-process
@@ -128,13 +140,66 @@ def get_args(argv=None):
             if getattr(args, key) is None:
                 setattr(args, key, preset[f"{args.stage}_{key}"])
         args.lr_step = preset[f"{args.stage}_step"] if args.stage != "acp" else None   # acp: cosine
-        if not (args.anno and (args.videos or (args.features and args.stage == "head"))):
-            p.error(f"--stage {args.stage} needs --anno and --videos" + (" (or --features)" if args.stage == "head" else ""))
-        if args.features and args.stage != "head":
-            p.error(f"--features: only --stage head trains on precomputed features, not --stage {args.stage}")
     if args.momentum is None:
         args.momentum = preset["lofi_momentum"]
+    validate(p, args)
     return args
+
+
+def validate(p, args):
+    """Every flag checked before any data is read: one line naming the flag and the reason, exit code 2."""
+    def need(ok, flag, why):
+        if not ok:
+            p.error(f"{flag} {getattr(args, flag[2:].replace('-', '_'))}: {why}")
+    for flag in ("--frames", "--stride", "--batch-size", "--epochs", "--c-l", "--c-s", "--top-k", "--max-steps",
+                 "--plan-snippets"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        need(value is None or value >= 1, flag, "must be a positive integer")
+    for flag in ("--workers", "--bn-recal", "--save-every", "--seed"):
+        need(getattr(args, flag[2:].replace("-", "_")) >= 0, flag, "must be a non-negative integer")
+    need(args.snippets >= (12 if args.stage == "lofi" else 3), "--snippets", "G-TAD needs L >= 3 snippets, "
+         "and stage lofi's T-LoFi runs L/4 (so at least 12)")
+    need(args.size >= 32, "--size", "must be at least 32 pixels (S-LoFi halves it; the encoder strides by 32)")
+    for flag in ("--lr", "--nms-sigma", "--budget-gb"):
+        value = getattr(args, flag[2:].replace("-", "_"))
+        need(value is None or (np.isfinite(value) and value > 0), flag, "must be a positive number")
+    need(0 <= args.momentum < 1, "--momentum", "must be in [0, 1)")
+    need(0 <= args.max_bad <= 1, "--max-bad", "must be a fraction in [0, 1]")
+    if args.stage == "detect":
+        need(args.video and Path(args.video).is_file(), "--video", "no such video file (detect needs one)")
+        need(Path(args.run or args.out, "last.pt").is_file(), "--run", "no last.pt of a stage-3 run in this folder")
+        need(args.anno is None or Path(args.anno).is_file(), "--anno", "no such file")
+        return
+    if args.stage == "plan":
+        return
+    if args.features and args.stage != "head":
+        p.error(f"--features: only --stage head trains on precomputed features, not --stage {args.stage}")
+    if args.anno is None:
+        args.anno = "data/synth/anno.json"
+        need(Path(args.anno).is_file(), "--anno", "no annotation file given, and the default (the synthetic set "
+             "of bash train.sh) does not exist: run bash train.sh, or give --anno and --videos")
+    need(Path(args.anno).is_file(), "--anno", "no such file")
+    try:
+        data.read_annotations(args.anno)
+    except data.BadInput as e:
+        p.error(str(e))
+    if args.features:
+        need(Path(args.features).is_dir(), "--features", "not a folder")
+    else:
+        args.videos = args.videos or str(Path(args.anno).parent / "videos")
+        need(Path(args.videos).is_dir(), "--videos", "not a folder (give the folder of the video files)")
+    need(args.video_scores is None or Path(args.video_scores).is_file(), "--video-scores", "no such file")
+    if args.init is None:
+        default = Path(args.out).parent / {"acp": "none", "lofi": "acp", "head": "lofi"}[args.stage] / "last.pt"
+        args.init = str(default) if default.is_file() else "none"
+        if args.stage != "acp" and os.environ.get("RANK", "0") == "0":
+            print(f"--init {args.init}" + ("" if default.is_file() else f" (no {default}: the encoder starts random)"))
+    if args.init not in ("none", "imagenet"):
+        need(Path(args.init).is_file(), "--init", "no such checkpoint file")
+        try:
+            load_checkpoint(args.init)
+        except data.BadInput as e:
+            p.error(str(e))
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -142,7 +207,7 @@ def compute_init(args):
     """One process, or one rank of a torchrun job (RANK set): returns (rank, world, device)."""
     world = int(os.environ.get("WORLD_SIZE", 1))
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+        raise data.BadInput(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
     if "RANK" in os.environ:
         rank = int(os.environ["RANK"])
         if torch.cuda.is_available():
@@ -164,9 +229,46 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def is_rank0():
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if is_rank0():
         print(*a, **k, flush=True)
+
+
+def progress(iterable, desc, rank=0):
+    """A tqdm bar on an interactive terminal (rank 0); in a log file, nothing: log_epoch's line says it."""
+    return tqdm(iterable, desc=desc, leave=False, disable=rank > 0 or not sys.stderr.isatty())
+
+
+def agree(error=None):
+    """Every rank learns whether any rank failed at this point (error: this rank's reason, or None), and
+    then all of them stop with the reasons. Without it, the healthy ranks wait in their next collective
+    until the process group's timeout (NCCL: 10 minutes). Costs one 1-element all_reduce, so call it
+    where every rank is at the same step."""
+    if dist.is_initialized():
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(flag)
+        if flag.item():
+            reasons = [f"rank {r}: {e}" for r, e in enumerate(gather(error)) if e]
+            raise SystemExit("stopped, a rank failed: " + "; ".join(reasons))
+    elif error:
+        raise SystemExit(error)
+
+
+@contextlib.contextmanager
+def shared_failure(where):
+    """Runs the block; an exception in it (a loader error, a non-finite loss, out of memory) becomes this
+    rank's reason in agree(), so every rank stops together within the step instead of timing out."""
+    error = None
+    try:
+        yield
+    except Exception as e:
+        error = f"{where}: {type(e).__name__}: {e}"
+    agree(error)
 
 
 def gather(obj):
@@ -232,18 +334,23 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     if not Path(path).is_file():
-        raise SystemExit(f"checkpoint {path} not found")
+        raise data.BadInput(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:             # truncated, not a torch file, or pickled code: all unusable
-        raise SystemExit(f"cannot read checkpoint {path}: {type(e).__name__}: {e}") from None
+        why = (str(e).strip().splitlines() or [""])[0][:160]       # torch's weights_only text runs to pages
+        raise data.BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
+
+
+def log_event(args, record):
+    if is_rank0():
+        with open(Path(args.out) / "log.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
 
 
 def log_epoch(args, record):
     print0(json.dumps(record))
-    if not dist.is_initialized() or dist.get_rank() == 0:
-        with open(Path(args.out) / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
+    log_event(args, record)
 
 
 def peak_memory(device):
@@ -251,16 +358,70 @@ def peak_memory(device):
 
 
 def loader(dataset, batch_sampler, args, device, persistent=False):
-    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers,
+    return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=args.workers, worker_init_fn=data.worker_init,
                       collate_fn=getattr(dataset, "collate", None) or data.collate,
                       pin_memory=device.type == "cuda", persistent_workers=persistent and args.workers > 0)
 
 
 def load_split(args, subset):
-    videos, report = data.read_annotations(args.anno, subset=subset)
+    """The subset's videos that have a file (a feature file with --features), sorted by id, and the ids
+    of those that do not. Those are skipped with a record: one line, and <out>/missing.txt (id, subset).
+    Evaluation still counts them (their ground truth stays: misses, as in the official protocol)."""
+    videos, _ = data.read_annotations(args.anno, subset=subset)
     if not videos:
-        raise SystemExit(f"{args.anno}: no videos in subset '{subset}'")
-    return [videos[k] for k in sorted(videos)], report
+        raise data.BadInput(f"{args.anno}: no videos in subset '{subset}'")
+    if args.features:
+        names = {p.stem for p in Path(args.features).glob("*.npy")}
+        have = lambda vid: vid in names or f"v_{vid}" in names
+    else:
+        files = data.video_files(args.videos)
+        have = lambda vid: vid in files
+    present = [videos[k] for k in sorted(videos) if have(k)]
+    missing = sorted(k for k in videos if not have(k))
+    if missing:
+        where = args.features or args.videos
+        if is_rank0():
+            with open(Path(args.out) / "missing.txt", "a") as f:
+                f.writelines(f"{vid}\t{subset}\n" for vid in missing)
+        print0(f"{len(missing)} of {len(videos)} {subset} videos have no file in {where}: skipped "
+               f"(ids in {Path(args.out) / 'missing.txt'})")
+        if len(missing) > args.max_bad * len(videos):
+            raise data.BadInput(f"{len(missing)} of {len(videos)} {subset} videos have no file in {where}, more than "
+                                f"--max-bad {args.max_bad:g} (wrong folder?); the first: {', '.join(missing[:5])}")
+    if not present:
+        raise data.BadInput(f"no {subset} video of {args.anno} has a file in {args.features or args.videos}")
+    return present, missing
+
+
+class BadVideos:
+    """The run's record of a split's videos that could not be used: missing files (load_split) and
+    videos that failed to decode, which the datasets replaced (data.replacing). Each rank adds what its
+    batches report; flush() (a collective: every rank calls it at the same point) prints the new ones in
+    one line, writes each to log.jsonl (event, id, reason), and stops the run once missing + broken
+    exceed --max-bad of the split."""
+
+    def __init__(self, args, subset, total, missing=()):
+        self.args, self.subset, self.total, self.missing = args, subset, total, list(missing)
+        self.pending, self.broken = [], {}
+
+    def add(self, replaced):
+        self.pending.extend(replaced)
+
+    def flush(self, where="", collective=True):
+        parts = gather(self.pending) if collective else [self.pending]
+        self.pending = []
+        new = {r["id"]: r for part in parts for r in part if r["id"] not in self.broken}
+        if not new:
+            return
+        self.broken.update(new)
+        for r in new.values():
+            log_event(self.args, dict(event="broken", subset=self.subset, where=where, **r))
+        print0(f"{len(new)} {self.subset} video(s) failed to decode {where} and were replaced or skipped: "
+               + "; ".join(f"{r['id']} ({r['reason']})" for r in new.values()))
+        bad = len(self.missing) + len(self.broken)
+        if bad > self.args.max_bad * self.total:
+            raise data.BadInput(f"{bad} of {self.total} {self.subset} videos are missing or broken, more than "
+                                f"--max-bad {self.args.max_bad:g}: " + ", ".join(sorted(self.missing + list(self.broken))))
 
 
 def fidelity_grid(args):
@@ -293,23 +454,25 @@ def loss_generator(args, rank, epoch, step, device):
 
 
 def resume_state(args, model_parts, optimizer, scheduler, schedule=None):
-    """Restore a run from <out>/last.pt; returns the first epoch still to run."""
+    """Restore a run from <out>/last.pt -> (epoch, step, partial): where to continue (step > 0 after a
+    mid-epoch checkpoint, --save-every) and that epoch's loss sums so far."""
     path = Path(args.out) / "last.pt"
     if not args.resume:
-        return 0
+        return 0, 0, None
     if not path.exists():
-        raise SystemExit(f"--resume: no checkpoint at {path}")
+        raise data.BadInput(f"--resume: no checkpoint at {path}")
     ck = load_checkpoint(path)
     if ck["stage"] != args.stage:
-        raise SystemExit(f"--resume: {path} is a '{ck['stage']}' checkpoint, not '{args.stage}'")
+        raise data.BadInput(f"--resume: {path} is a '{ck['stage']}' checkpoint, not '{args.stage}'")
     if schedule is not None and ck.get("schedule") != schedule:
-        raise SystemExit(f"--resume: {path} ran the fidelity schedule {ck.get('schedule')}, not {schedule}")
+        raise data.BadInput(f"--resume: {path} ran the fidelity schedule {ck.get('schedule')}, not {schedule}")
     for name, module in model_parts.items():
         module.load_state_dict(ck[name])
     optimizer.load_state_dict(ck["optimizer"])
     scheduler.load_state_dict(ck["scheduler"])
-    print0(f"resumed from {path} after epoch {ck['epoch']}")
-    return ck["epoch"]
+    step = ck.get("step", 0)
+    print0(f"resumed from {path} at epoch {ck['epoch']}" + (f", step {step}" if step else ""))
+    return ck["epoch"], step, ck.get("partial")
 
 
 # ----------------------------------------------------------------------------- stage 1: ACP
@@ -327,8 +490,10 @@ class ClipNet(nn.Module):
 
 
 def stage_acp(args, rank, world, device):
-    train, _ = load_split(args, "training")
-    val, _ = load_split(args, "validation")
+    train, missing = load_split(args, "training")
+    val, val_missing = load_split(args, "validation")
+    bad, val_bad = BadVideos(args, "training", len(train) + len(missing), missing), \
+        BadVideos(args, "validation", len(val) + len(val_missing), val_missing)
     classes = data.class_names(train + val)
     size = (args.size, args.size)
     ds = data.ClipDataset(train, args.videos, classes, args.frames, args.stride, size=size, train=True, seed=args.seed)
@@ -340,10 +505,17 @@ def stage_acp(args, rank, world, device):
     else:
         opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=0.9, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, args.epochs)
-    start = resume_state(args, {"encoder": net.encoder, "classifier": net.fc}, opt, sched)
+    start, skip, partial = resume_state(args, {"encoder": net.encoder, "classifier": net.fc}, opt, sched)
     sampler = torch.utils.data.DistributedSampler(ds, world, rank, shuffle=True, seed=args.seed, drop_last=True)
     per_rank = args.batch_size // world
     batches = torch.utils.data.BatchSampler(sampler, per_rank, drop_last=True)
+
+    def save(epoch, step=0, partial=None):
+        if rank == 0:
+            save_checkpoint(Path(args.out) / "last.pt", dict(
+                stage="acp", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
+                classifier=net.fc.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                epoch=epoch, step=step, partial=partial, classes=classes, args=vars(args)))
     for epoch in range(start, args.epochs):
         t0 = time.time()
         sampler.set_epoch(epoch)
@@ -351,19 +523,26 @@ def stage_acp(args, rank, world, device):
         model.train()
         if args.freeze_bn:
             set_bn_eval(net)
-        losses = []
-        for step, (frames, labels) in enumerate(tqdm(loader(ds, batches, args, device), disable=rank > 0,
-                                                     desc=f"acp {epoch}", leave=False)):
-            if args.max_steps and step >= args.max_steps:
-                break
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                loss = F.cross_entropy(model(frames.to(device, non_blocking=True)).float(), labels.to(device))
-            if not torch.isfinite(loss):
-                raise SystemExit(f"non-finite loss at epoch {epoch} step {step}")
+        first = skip if epoch == start else 0                     # > 0: resumed inside this epoch
+        losses = list(partial["losses"]) if first else []
+        steps = min(len(batches), args.max_steps or len(batches))
+        it = iter(progress(loader(ds, list(batches)[first:steps], args, device), f"acp {epoch}", rank))
+        for step in range(first, steps):
+            with shared_failure(f"acp epoch {epoch} step {step}"):
+                frames, labels, replaced = next(it)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    loss = F.cross_entropy(model(frames.to(device, non_blocking=True)).float(), labels.to(device))
+                if not torch.isfinite(loss):
+                    raise FloatingPointError("non-finite loss")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             losses.append(loss.item())
+            bad.add(replaced)
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                bad.flush(f"in epoch {epoch}")
+                save(epoch, step + 1, dict(losses=losses))
+        bad.flush(f"in epoch {epoch}")
         lr = opt.param_groups[0]["lr"]           # the lr this epoch ran with
         sched.step()
         # Clip accuracy on the validation subset, each rank a disjoint stride of it (no padding).
@@ -371,37 +550,46 @@ def stage_acp(args, rank, world, device):
         shard = torch.utils.data.Subset(val_ds, range(rank, len(val_ds), world))
         right = torch.zeros(2, device=device)
         with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-            for frames, labels in DataLoader(shard, batch_size=per_rank, num_workers=args.workers):
+            for frames, labels, replaced in DataLoader(shard, batch_size=per_rank, num_workers=args.workers,
+                                                       collate_fn=val_ds.collate, worker_init_fn=data.worker_init):
                 pred = net(frames.to(device)).argmax(1).cpu()
                 right += torch.tensor([(pred == labels).sum().item(), len(labels)], device=device)
+                val_bad.add(replaced)                 # (a replacement clip is another valid clip: it counts)
         if world > 1:
             dist.all_reduce(right)
-        if rank == 0:
-            save_checkpoint(Path(args.out) / "last.pt", dict(
-                stage="acp", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
-                classifier=net.fc.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                epoch=epoch + 1, classes=classes, args=vars(args)))
+        val_bad.flush("in the clip accuracy")
+        save(epoch + 1)
         log_epoch(args, dict(stage="acp", epoch=epoch, loss=float(np.mean(losses)) if losses else None,
                              val_acc=(right[0] / right[1].clamp(min=1)).item(), lr=lr,
                              time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
     if rank == 0:
-        write_video_scores(args, net, val, classes, device)
+        write_video_scores(args, net, val, classes, device, val_bad)
+
+
+def full_fidelity(args, videos, device, bad, desc, rank=0, world=1, per_rank=1):
+    """Batches of `videos` at full fidelity, in order, each rank a disjoint stride of them. A broken
+    video's place goes to the next one (a duplicate the callers overwrite), and `bad` records it."""
+    full, _ = fidelity_grid(args)
+    mine = list(range(rank, len(videos), world))
+    batches = [[(i, full) for i in mine[k:k + per_rank]] for k in range(0, len(mine), per_rank)]
+    for batch in progress(loader(tal_dataset(args, videos), batches, args, device), desc, rank):
+        bad.add(batch["replaced"])
+        yield batch
 
 
 @torch.no_grad()
-def write_video_scores(args, net, videos, classes, device):
+def write_video_scores(args, net, videos, classes, device, bad):
     """<out>/video_scores.json: the stage-1 classifier's class scores of each video (softmax averaged over
     its full-fidelity snippets) in the CUHK format of --video-scores. G-TAD and the paper take their
     class labels from such a separate video classifier, so stage 3 on any encoder (baseline or LoFi)
     assigns the same classes and the comparison measures localization alone."""
-    full, _ = fidelity_grid(args)
-    ds = tal_dataset(args, videos)
     net.eval()
     results = {}
-    for batch in tqdm(loader(ds, [[(i, full)] for i in range(len(ds))], args, device), desc="video scores", leave=False):
+    for batch in full_fidelity(args, videos, device, bad, "video scores"):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             logits = net(batch["frames"][0].to(device)).float()                             # (L, K)
         results[batch["ids"][0]] = logits.softmax(1).mean(0).tolist()                        # (K,)
+    bad.flush("while scoring videos", collective=False)
     path = Path(args.out) / "video_scores.json"
     path.write_text(json.dumps({"results": results, "class": classes}))
     print0(f"video-level class scores of {len(results)} validation videos -> {path}")
@@ -409,7 +597,8 @@ def write_video_scores(args, net, videos, classes, device):
 
 # ----------------------------------------------------------------------------- stage 2: LoFi
 def stage_lofi(args, rank, world, device):
-    train, _ = load_split(args, "training")
+    train, missing = load_split(args, "training")
+    bad = BadVideos(args, "training", len(train) + len(missing), missing)
     full, lofis = fidelity_grid(args)
     # Sec. 3.2: one configuration, or C-LoFi cycling S -> T -> ST; full fidelity is never used here.
     configs = {"s": lofis[:1], "t": lofis[1:2], "st": lofis[2:], "full": [full]}.get(args.fidelity, lofis)
@@ -418,48 +607,62 @@ def stage_lofi(args, rank, world, device):
     net = LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
     model = DDP(net) if world > 1 else net
     # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs.
-    opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=1e-4)
+    if PRESETS[args.preset]["lofi_optim"] == "adam":     # tiny: ~150 steps, where SGD barely moves the head
+        opt = torch.optim.AdamW(net.parameters(), lr=args.lr, weight_decay=1e-4)
+    else:
+        opt = torch.optim.SGD(net.parameters(), lr=args.lr, momentum=args.momentum, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.5)
     schedule = dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])
-    start = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched, schedule)
+    start, skip, partial = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched, schedule)
     sampler = data.FidelityBatchSampler(len(ds), args.batch_size // world, configs, args.cycle, c_l=args.c_l,
                                         c_s=args.c_s, rank=rank, world_size=world, seed=args.seed)
     # Workers persist across epochs (the sampler, not the dataset, carries the epoch): a cached epoch
     # then costs what the DataLoader costs.
     batches = loader(ds, sampler, args, device, persistent=True)
+
+    def save(epoch, step=0, partial=None):
+        if rank == 0:
+            save_checkpoint(Path(args.out) / "last.pt", dict(
+                stage="lofi", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
+                head=net.head.state_dict(), head_cfg=asdict(net.head.cfg), optimizer=opt.state_dict(),
+                scheduler=sched.state_dict(), epoch=epoch, step=step, partial=partial, args=vars(args),
+                schedule=schedule))
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        sampler.set_epoch(epoch)
+        first = skip if epoch == start else 0                     # > 0: resumed inside this epoch
+        sampler.set_epoch(epoch, first)
         model.train()
         if args.freeze_bn:
             set_bn_eval(net)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
-        sums, seen = {}, []
-        for step, batch in enumerate(tqdm(batches, disable=rank > 0, desc=f"lofi {epoch}", leave=False)):
-            if args.max_steps and step >= args.max_steps:
-                break
-            fid = batch["fidelity"]
-            start_t, end_t, iou = batch_targets(batch["segments"], fid.L, device)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                out = model(batch["frames"].to(device, non_blocking=True))    # maps (B, L, L)
-            losses = gtad.loss(out, start_t, end_t, iou, generator=loss_generator(args, rank, epoch, step, device))
-            if not torch.isfinite(losses["total"]):
-                raise SystemExit(f"non-finite loss at epoch {epoch} step {step}, videos {batch['ids']}")
+        sums, seen = (dict(partial["sums"]), list(partial["seen"])) if first else ({}, [])
+        steps = min(sampler.steps, args.max_steps or sampler.steps)
+        it = iter(progress(batches, f"lofi {epoch}", rank))
+        for step in range(first, steps):
+            with shared_failure(f"lofi epoch {epoch} step {step}"):
+                batch = next(it)
+                fid = batch["fidelity"]
+                start_t, end_t, iou = batch_targets(batch["segments"], fid.L, device)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    out = model(batch["frames"].to(device, non_blocking=True))    # maps (B, L, L)
+                losses = gtad.loss(out, start_t, end_t, iou, generator=loss_generator(args, rank, epoch, step, device))
+                if not torch.isfinite(losses["total"]):
+                    raise FloatingPointError(f"non-finite loss, videos {batch['ids']}")
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()
             for k, v in losses.items():
                 sums[k] = sums.get(k, 0.0) + v.item()
             seen.append(str(fid))
+            bad.add(batch["replaced"])
+            if args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
+                bad.flush(f"in epoch {epoch}")
+                save(epoch, step + 1, dict(sums=sums, seen=seen))
+        bad.flush(f"in epoch {epoch}")
         lr = opt.param_groups[0]["lr"]           # the lr this epoch ran with
         sched.step()
-        if rank == 0:
-            save_checkpoint(Path(args.out) / "last.pt", dict(
-                stage="lofi", encoder=net.encoder.state_dict(), encoder_cfg=asdict(net.encoder.cfg),
-                head=net.head.state_dict(), head_cfg=asdict(net.head.cfg), optimizer=opt.state_dict(),
-                scheduler=sched.state_dict(), epoch=epoch + 1, step=len(seen), args=vars(args),
-                schedule=schedule))
+        save(epoch + 1)
         log_epoch(args, dict(stage="lofi", epoch=epoch, **{k: v / max(len(seen), 1) for k, v in sums.items()},
                              lr=lr, fidelity=sorted(set(seen)), steps=len(seen),
                              time=round(time.time() - t0, 2), max_mem=peak_memory(device)))
@@ -467,25 +670,21 @@ def stage_lofi(args, rank, world, device):
 
 # ----------------------------------------------------------------------------- stage 3: head
 @torch.no_grad()
-def extract_features(args, encoder, videos, rank, world, device):
-    """Full-fidelity snippet features of every video, each rank a disjoint stride, gathered."""
-    full, _ = fidelity_grid(args)
-    ds = tal_dataset(args, videos)
-    per_rank = max(1, args.batch_size // world)
-    mine = list(range(rank, len(ds), world))
-    batches = [[(i, full) for i in mine[k:k + per_rank]] for k in range(0, len(mine), per_rank)]
+def extract_features(args, encoder, videos, rank, world, device, bad):
+    """Full-fidelity snippet features of every video that decodes, each rank a disjoint stride, gathered."""
     feats = {}
-    for batch in tqdm(loader(ds, batches, args, device), disable=rank > 0, desc="features", leave=False):
+    for batch in full_fidelity(args, videos, device, bad, "features", rank, world, max(1, args.batch_size // world)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             x = snippet_features(encoder, batch["frames"].to(device))                # (B, D, L)
         feats.update(zip(batch["ids"], x.float().cpu().clone().unbind(0)))   # own storage each
+    bad.flush("while extracting features")
     merged = {}
     for part in gather(feats):
         merged.update(part)
     return merged
 
 
-def features_for(args, encoder, videos, rank, world, device):
+def features_for(args, encoder, videos, rank, world, device, bad):
     """Features cached in the run folder, reused when encoder, fidelity and videos match."""
     path = Path(args.out) / "features.pt"
     weights = hashlib.sha1()
@@ -498,7 +697,7 @@ def features_for(args, encoder, videos, rank, world, device):
         if cached["key"] == key:
             print0(f"features reused from {path}")
             return cached["feats"]
-    feats = extract_features(args, encoder, videos, rank, world, device)
+    feats = extract_features(args, encoder, videos, rank, world, device, bad)
     if rank == 0:
         save_checkpoint(path, dict(key=key, feats=feats))
     return feats
@@ -557,16 +756,16 @@ def read_features(folder, videos, L):
         try:
             x = np.load(path, allow_pickle=False)
         except (OSError, ValueError) as e:
-            raise SystemExit(f"{path}: not a numpy array file ({e})") from None
+            raise data.BadInput(f"{path}: not a numpy array file ({e})") from None
         if x.ndim != 2 or min(x.shape) < 1 or x.dtype.kind not in "iuf" or not np.isfinite(x).all():
-            raise SystemExit(f"{path}: expected a finite (T, D) array of snippet features, got shape {x.shape}")
+            raise data.BadInput(f"{path}: expected a finite (T, D) array of snippet features, got shape {x.shape}")
         first = first or (x.shape[1], path)
         if x.shape[1] != first[0]:
-            raise SystemExit(f"{path}: D = {x.shape[1]}, but {first[1]} has D = {first[0]}")
+            raise data.BadInput(f"{path}: D = {x.shape[1]}, but {first[1]} has D = {first[0]}")
         y = rescale(torch.from_numpy(x.astype(np.float32)).T, L)                              # (D, L)
         feats[v.id] = F.layer_norm(y.T, y.shape[:1]).T.contiguous()                           # (D, L)
     if missing:
-        raise SystemExit(f"--features {folder}: no <id>.npy or v_<id>.npy for {len(missing)} video(s): "
+        raise data.BadInput(f"--features {folder}: no <id>.npy or v_<id>.npy for {len(missing)} video(s): "
                          + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     return feats
 
@@ -589,15 +788,16 @@ def train_head(args, head, opt, sched, feats, videos, start, rank, world, device
         sampler.set_epoch(epoch)
         sums, n = {}, 0
         batches = DataLoader(ds, batch_size=args.batch_size // world, sampler=sampler, drop_last=True)
-        for step, (xb, sb, eb, ib) in enumerate(tqdm(batches, disable=rank > 0, desc=f"head {epoch}", leave=False)):
+        for step, (xb, sb, eb, ib) in enumerate(progress(batches, f"head {epoch}", rank)):
             if args.max_steps and step >= args.max_steps:
                 break
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
-                out = model(xb.to(device))
-            losses = gtad.loss(out, sb.to(device), eb.to(device), ib.to(device),
-                               generator=loss_generator(args, rank, epoch, step, device))
-            if not torch.isfinite(losses["total"]):
-                raise SystemExit(f"non-finite loss at epoch {epoch} step {step}")
+            with shared_failure(f"head epoch {epoch} step {step}"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
+                    out = model(xb.to(device))
+                losses = gtad.loss(out, sb.to(device), eb.to(device), ib.to(device),
+                                   generator=loss_generator(args, rank, epoch, step, device))
+                if not torch.isfinite(losses["total"]):
+                    raise FloatingPointError("non-finite loss")
             opt.zero_grad(set_to_none=True)
             losses["total"].backward()
             opt.step()
@@ -643,7 +843,7 @@ def search_lr(args, feats, train, classes, rank, world, device):
 
 
 @torch.no_grad()
-def recalibrate_bn(args, encoder, videos, device):
+def recalibrate_bn(args, encoder, videos, device, bad):
     """Re-estimate the encoder's BatchNorm statistics at full fidelity on `videos` (beyond the paper).
 
     Stage 2 leaves the running statistics of its last low-fidelity configuration (e.g. 112^2 frames),
@@ -654,37 +854,41 @@ def recalibrate_bn(args, encoder, videos, device):
     for m in norms:
         m.reset_running_stats()
         m.momentum = None
-    full, _ = fidelity_grid(args)
-    ds = tal_dataset(args, videos)
     encoder.train()
-    for batch in tqdm(loader(ds, [[(i, full)] for i in range(len(ds))], args, device), desc="bn-recal", leave=False,
-                      disable=dist.is_initialized() and dist.get_rank() > 0):
+    for batch in full_fidelity(args, videos, device, bad, "bn-recal", rank=int(not is_rank0())):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             encoder(tsm.normalize(batch["frames"].flatten(0, 1).to(device)))               # (B*L, F, 3, H, W)
     for m in norms:
         m.momentum = 0.1
+    bad.flush("while re-estimating BatchNorm")
     return encoder.eval()
 
 
 def stage_head(args, rank, world, device):
     if args.init == "none" and not args.features:
         print0("stage head: the encoder is frozen and random; --init should name imagenet or a stage-1 or stage-2 checkpoint")
-    train, _ = load_split(args, "training")
-    val, _ = load_split(args, "validation")
+    train, missing = load_split(args, "training")
+    val, val_missing = load_split(args, "validation")
     classes = data.class_names(train + val)
+    bad = BadVideos(args, "training and validation", len(train + val + missing + val_missing), missing + val_missing)
     if args.features:                              # no encoder: the head trains on the given features
         encoder, feats = None, read_features(args.features, train + val, args.snippets)
     else:
         encoder = build_encoder(args).to(device, memory_format=torch.channels_last).eval()
         if args.bn_recal:
             pick = np.random.default_rng([args.seed, 11]).permutation(len(train))[:args.bn_recal]
-            encoder = recalibrate_bn(args, encoder, [train[i] for i in sorted(pick)], device)
-        feats = features_for(args, encoder, train + val, rank, world, device)
+            encoder = recalibrate_bn(args, encoder, [train[i] for i in sorted(pick)], device, bad)
+        feats = features_for(args, encoder, train + val, rank, world, device, bad)
+        train, val, lost = [v for v in train if v.id in feats], [v for v in val if v.id in feats], \
+            sorted(v.id for v in train + val if v.id not in feats)
+        if lost:                                   # broken videos (log.jsonl says why): skipped
+            print0(f"{len(lost)} video(s) without features (they failed to decode): {', '.join(lost)}")
+
     if args.lr_search:
         args.lr, scores = search_lr(args, feats, train, classes, rank, world, device)
         print0(f"lr search: stage 3 trains with lr {args.lr:g}")
     head, opt, sched = head_and_optimizer(args, feats[train[0].id].shape[0], args.lr, device)
-    start = resume_state(args, {"head": head}, opt, sched)
+    start = resume_state(args, {"head": head}, opt, sched)[0]
     clf = train_video_classifier(feats, train, classes, args.seed)
 
     def after_epoch(epoch, record):
@@ -717,12 +921,18 @@ def known_classes_only(results, videos):
 
 
 def detect_and_evaluate(args, head, clf, feats, val, classes, device):
+    """Detections of the usable validation videos; the evaluation takes the ground truth of all of them,
+    so a missing or broken one counts as missed, as the official protocol counts it."""
+    total = len(data.read_annotations(args.anno, "validation")[0])
+    if total > len(val):
+        print0(f"{total - len(val)} of {total} validation videos have no file or failed to decode: no detections, "
+               "so the evaluation counts their instances as misses")
     external = gtad.read_video_scores(args.video_scores) if args.video_scores else None
     results = {}
     for v in val:
         if external:
             if v.id not in external[0]:
-                raise SystemExit(f"{args.video_scores}: no video-level scores for video {v.id}")
+                raise data.BadInput(f"{args.video_scores}: no video-level scores for video {v.id}")
             scores, names = external[0][v.id], external[1]
         else:
             scores, names = video_class_scores(clf, feats[v.id]), classes
@@ -813,7 +1023,7 @@ def stage_plan(args):
     variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
         [(args.checkpoint_encoder, args.amp)]
     rows = []
-    for name, fid in tqdm(configs, desc="plan", leave=False):
+    for name, fid in progress(configs, "plan"):
         snippets = min(fid.L, args.plan_snippets or (25 if device.type == "cuda" else 4))
         for ckpt, amp in variants:
             per_video, seconds, fixed = measure(args, fid, device, ckpt, amp, snippets)
@@ -842,9 +1052,9 @@ def stage_detect(args):
     run = Path(args.run or args.out)
     ck = load_checkpoint(run / "last.pt")
     if ck.get("stage") != "head":
-        raise SystemExit(f"{run / 'last.pt'} is not a stage-3 (head) checkpoint")
+        raise data.BadInput(f"{run / 'last.pt'} is not a stage-3 (head) checkpoint")
     if ck.get("encoder") is None:
-        raise SystemExit(f"{run / 'last.pt'}: this head was trained on precomputed features (--features); "
+        raise data.BadInput(f"{run / 'last.pt'}: this head was trained on precomputed features (--features); "
                          "it has no encoder to turn a video into features")
     encoder = tsm.TSM(tsm.TSMConfig(**ck["encoder_cfg"]))
     encoder.load_state_dict(ck["encoder"])
@@ -892,12 +1102,18 @@ def draw_timeline(path, duration, truth, dets, width=1000, row=26):
 
 
 def main(argv=None):
-    args = get_args(argv)
+    """Bad input (a flag, a file, the data) ends in one line on stderr and exit code 2, not a traceback."""
+    try:
+        return run(get_args(argv))
+    except data.BadInput as e:
+        print(f"lofi.py: error: {e}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def run(args):
     if args.stage == "plan":
         return stage_plan(args)
     if args.stage == "detect":
-        if not args.video:
-            raise SystemExit("--stage detect needs --video FILE (and --run RUN_DIR of a stage-3 run)")
         return stage_detect(args)
     rank, world, device = compute_init(args)
     try:
@@ -906,7 +1122,8 @@ def main(argv=None):
         if rank == 0:
             (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
             if not args.resume:
-                (Path(args.out) / "log.jsonl").unlink(missing_ok=True)
+                for name in ("log.jsonl", "missing.txt"):
+                    (Path(args.out) / name).unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, rank, world, device)
     finally:
         compute_cleanup()

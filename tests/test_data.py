@@ -239,7 +239,7 @@ def synth_set(tmp_path_factory):
 
 
 def test_synth_passes_check_and_check_finds_problems(synth_set, tmp_path):
-    result = cli("check", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--count")
+    result = cli("check", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--deep", "--workers", "2")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 videos" in result.stdout and "0 errors" in result.stdout
     anno = json.loads((synth_set / "anno.json").read_text())
@@ -341,17 +341,31 @@ def test_tal_items_and_two_worker_loader(synth_set):
         assert torch.equal(b["frames"][1], ds[idx[1]]["frames"])
 
 
-def test_broken_video_is_reported_not_swapped(synth_set, tmp_path):
+def test_broken_videos_are_replaced_by_the_next_with_a_record(synth_set, tmp_path):
     videos, _ = data.read_annotations(synth_set / "anno.json")
     ids = sorted(videos)
     for vid in ids:
         (tmp_path / f"{vid}.mp4").write_bytes((synth_set / "videos" / f"{vid}.mp4").read_bytes())
-    (tmp_path / f"{ids[0]}.mp4").write_bytes(b"\0" * 1000)
+    (tmp_path / f"{ids[0]}.mp4").write_bytes(b"\0" * 1000)                              # garbage
+    whole = (tmp_path / f"{ids[1]}.mp4").read_bytes()
+    (tmp_path / f"{ids[1]}.mp4").write_bytes(whole[:len(whole) // 2])                  # a cut download
     ds = data.TALDataset([videos[i] for i in ids], tmp_path, 4, 2, full=TINY)
-    with pytest.raises(data.VideoError, match=f"{tmp_path / ids[0]}.mp4: OpenCV/FFmpeg cannot open it"):
-        ds[0]
-    (tmp_path / f"{ids[1]}.mp4").unlink()
-    with pytest.raises(ValueError, match=f"{ids[1]}: no video file"):
+    first, second = ds[0], ds[1]
+    assert first["id"] == second["id"] == ids[2]
+    assert [r["id"] for r in first["replaced"]] == ids[:2] and [r["id"] for r in second["replaced"]] == ids[1:2]
+    assert all(r["by"] == ids[2] and r["id"] in r["reason"] for r in first["replaced"])
+    frames, _ = data.read_snippets(tmp_path / f"{ids[2]}.mp4", TINY, 4, 2)                # the replacement, directly
+    assert torch.equal(first["frames"], frames) and torch.equal(ds[2]["frames"], frames) and ds[2]["replaced"] == []
+    torch.testing.assert_close(first["segments"], data.normalised_segments(videos[ids[2]]))
+    batch = data.collate([ds[1], ds[3]])
+    assert [r["id"] for r in batch["replaced"]] == [ids[1]]
+    # A clip of a broken video: the next clip that decodes, with the record.
+    train = [videos[i] for i in ids]
+    clips = data.ClipDataset(train, tmp_path, data.class_names(train), 4, 2, size=(32, 32), train=False)
+    frames, label, replaced = clips[0]
+    assert {r["id"] for r in replaced} == set(ids[:2]) and frames.shape == (4, 3, 32, 32)
+    (tmp_path / f"{ids[3]}.mp4").unlink()                                                 # missing: refused up front
+    with pytest.raises(data.BadInput, match=f"{ids[3]}: no video file"):
         data.TALDataset([videos[i] for i in ids], tmp_path, 4, 2, full=TINY)
 
 
@@ -360,10 +374,11 @@ def test_clip_dataset(synth_set):
     classes = data.class_names(videos)
     train = data.ClipDataset(videos, synth_set / "videos", classes, 4, 2, size=(32, 32), train=True, seed=0)
     assert len(train) == sum(len(v.segments) for v in videos.values())
-    frames, label = train[0]
-    assert frames.shape == (4, 3, 32, 32) and frames.dtype == torch.uint8
-    batch_frames, batch_labels = train.collate([train[0], train[1]])
+    frames, label, replaced = train[0]
+    assert frames.shape == (4, 3, 32, 32) and frames.dtype == torch.uint8 and replaced == []
+    batch_frames, batch_labels, batch_replaced = train.collate([train[0], train[1]])
     assert batch_frames.shape == (2, 4, 3, 32, 32) and batch_labels.tolist() == [label, train[1][1]]
+    assert batch_replaced == []
     assert classes[label] == train.videos[train.items[0][0]].labels[train.items[0][1]]
     draws = []
     for epoch in (0, 0, 1):
