@@ -383,8 +383,8 @@ def load_split(args, subset):
         if is_rank0():
             with open(Path(args.out) / "missing.txt", "a") as f:
                 f.writelines(f"{vid}\t{subset}\n" for vid in missing)
-        print0(f"{len(missing)} of {len(videos)} {subset} videos have no file in {where}: skipped "
-               f"(ids in {Path(args.out) / 'missing.txt'})")
+        print0(f"{len(missing)} of {len(videos)} {subset} videos have no file in {where}, skipped: "
+               f"{', '.join(missing[:10])}{' ...' if len(missing) > 10 else ''} (all in {Path(args.out) / 'missing.txt'})")
         if len(missing) > args.max_bad * len(videos):
             raise data.BadInput(f"{len(missing)} of {len(videos)} {subset} videos have no file in {where}, more than "
                                 f"--max-bad {args.max_bad:g} (wrong folder?); the first: {', '.join(missing[:5])}")

@@ -4,13 +4,14 @@
 #   bash train.sh --anno A.json --videos DIR --out RUNS --preset paper --nproc 4 [--seed S]
 #   bash train.sh ... --init PATH|imagenet   # skip stage 1: PATH (a Kinetics TSM, the paper's ACP) or
 #                                            # ImageNet weights (ICP) are the baseline's encoder
-#   bash train.sh --ablation [--seeds "0 1 2"]  # the paper's Tables 1-2 in miniature: stage 3 on every encoder
+#   bash train.sh --ablation [--seeds "0 1 2"] [--jobs 3]  # the paper's Tables 1-2 in miniature: stage 3 on every
+#                                            # encoder, each seed its own data; --jobs: seeds side by side
 # Prints mAP of the baseline (head on the classification-pretrained encoder) and of LoFi.
 set -euo pipefail
 here=$(pwd)
 cd "$(dirname "$0")"
 
-ANNO="" VIDEOS="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2"
+ANNO="" VIDEOS="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2" JOBS=1
 die() { echo "train.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,7 +24,8 @@ while [ $# -gt 0 ]; do
     --init) INIT=${2:?--init needs a checkpoint file or imagenet}; shift 2 ;;
     --ablation) ABLATION=1; shift ;;
     --seeds) SEEDS=${2:?--seeds needs a list such as "0 1 2"}; shift 2 ;;
-    -h|--help) sed -n 2,8p "$0"; exit 0 ;;
+    --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
+    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see bash train.sh --help)" ;;
   esac
 done
@@ -36,8 +38,11 @@ fi
 case "$PRESET" in tiny|paper) ;; *) die "--preset must be tiny or paper, not '$PRESET'" ;; esac
 [[ "$NPROC" =~ ^[1-9][0-9]*$ ]] || die "--nproc must be a positive integer, not '$NPROC'"
 [[ "$SEED" =~ ^[0-9]+$ ]] || die "--seed must be a non-negative integer, not '$SEED'"
+[[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, not '$JOBS'"
 [[ "$SEEDS" =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be non-negative integers separated by spaces, not '$SEEDS'"
+USER_DATA=""
 if [ -n "$ANNO$VIDEOS" ]; then
+  USER_DATA=1
   [ -f "$ANNO" ] || die "annotation file '$ANNO' not found (--anno)"
   [ -d "$VIDEOS" ] || die "video folder '$VIDEOS' not found (--videos)"
 else
@@ -59,31 +64,50 @@ run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the f
   echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }
 
-if [ "$ABLATION" = 1 ]; then   # Tables 1-2 in miniature: one stage 2 per row, then stage 3 on its encoder
-  BASE=$OUT INIT0=$INIT
-  for SEED in $SEEDS; do
-    OUT=$BASE/seed$SEED INIT=$INIT0
-    mkdir -p "$OUT"
-    : > "$OUT/times.txt"
-    SCORES=()
-    if [ -z "$INIT" ]; then
-      run acp --stage acp --out "$OUT/acp"; INIT="$OUT/acp/last.pt"; SCORES=(--video-scores "$OUT/acp/video_scores.json")
-    fi
-    run head-acp --stage head "${SCORES[@]}" --out "$OUT/head-acp" --init "$INIT"                               # ACP (the baseline)
-    run head-acp-lrsearch --stage head "${SCORES[@]}" --out "$OUT/head-acp-lrsearch" --init "$INIT" --lr-search  # ... with the lr search
-    for row in s t st full; do                                                                    # S-, T-, ST-LoFi; full fidelity end to end
-      run "lofi-$row" --stage lofi --out "$OUT/lofi-$row" --init "$INIT" --fidelity "$row"
-      run "head-$row" --stage head "${SCORES[@]}" --out "$OUT/head-$row" --init "$OUT/lofi-$row/last.pt"
-    done
-    for row in short long; do                                                                     # C-LoFi, short and long cycle
-      run "lofi-c$row" --stage lofi --out "$OUT/lofi-c$row" --init "$INIT" --cycle "$row"
-      run "head-c$row" --stage head "${SCORES[@]}" --out "$OUT/head-c$row" --init "$OUT/lofi-c$row/last.pt"
-    done
-    run head-clong-bnrecal --stage head "${SCORES[@]}" --out "$OUT/head-clong-bnrecal" --init "$OUT/lofi-clong/last.pt" --bn-recal 32
-    run head-clong-lrsearch --stage head "${SCORES[@]}" --out "$OUT/head-clong-lrsearch" --init "$OUT/lofi-clong/last.pt" --lr-search
+ablate() {  # ablate SEED: Tables 1-2 in miniature for one seed, in $BASE/seed$SEED: one stage 2 per row, then stage 3
+  SEED=$1 OUT=$BASE/seed$1 INIT=$INIT0 SCORES=()
+  if [ -z "$USER_DATA" ]; then                                      # each seed draws its synthetic set, as train.sh --seed
+    SYNTH=data/synth$([ "$SEED" = 0 ] || echo "-seed$SEED") && ANNO=$SYNTH/anno.json VIDEOS=$SYNTH/videos
+    [ -f "$ANNO" ] || python data.py synth "$SYNTH" --seed "$SEED"
+  fi
+  mkdir -p "$OUT"
+  : > "$OUT/times.txt"
+  if [ -z "$INIT" ]; then
+    run acp --stage acp --out "$OUT/acp"; INIT="$OUT/acp/last.pt"; SCORES=(--video-scores "$OUT/acp/video_scores.json")
+  fi
+  run head-acp --stage head "${SCORES[@]}" --out "$OUT/head-acp" --init "$INIT"                               # ACP (the baseline)
+  for row in long short; do                                                                     # C-LoFi, long and short cycle
+    run "lofi-c$row" --stage lofi --out "$OUT/lofi-c$row" --init "$INIT" --cycle "$row"
+    run "head-c$row" --stage head "${SCORES[@]}" --out "$OUT/head-c$row" --init "$OUT/lofi-c$row/last.pt"
   done
-  python - "$BASE" $SEEDS <<'PY'
-import json, sys
+  for row in s t st full; do                                                                    # S-, T-, ST-LoFi; full fidelity end to end
+    run "lofi-$row" --stage lofi --out "$OUT/lofi-$row" --init "$INIT" --fidelity "$row"
+    run "head-$row" --stage head "${SCORES[@]}" --out "$OUT/head-$row" --init "$OUT/lofi-$row/last.pt"
+  done
+  run head-clong-bnrecal --stage head "${SCORES[@]}" --out "$OUT/head-clong-bnrecal" --init "$OUT/lofi-clong/last.pt" --bn-recal 32
+  run head-clong-lrsearch --stage head "${SCORES[@]}" --out "$OUT/head-clong-lrsearch" --init "$OUT/lofi-clong/last.pt" --lr-search
+  run head-acp-lrsearch --stage head "${SCORES[@]}" --out "$OUT/head-acp-lrsearch" --init "$INIT" --lr-search
+}
+
+if [ "$ABLATION" = 1 ]; then
+  BASE=$OUT INIT0=$INIT
+  if [ "$JOBS" = 1 ]; then
+    for S in $SEEDS; do ablate "$S"; done
+  else   # seeds side by side, the cores split between them; each seed's log in its folder
+    export OMP_NUM_THREADS=$(( ($(nproc) + JOBS - 1) / JOBS ))
+    for S in $SEEDS; do
+      while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
+      mkdir -p "$BASE/seed$S"
+      ( ablate "$S" ) > "$BASE/seed$S/train.log" 2>&1 &
+      echo "seed $S: log in $BASE/seed$S/train.log"
+    done
+    wait
+    for S in $SEEDS; do
+      [ -f "$BASE/seed$S/head-acp-lrsearch/metrics.json" ] || die "seed $S failed: see $BASE/seed$S/train.log"
+    done
+  fi
+  python - "$BASE" $SEEDS <<'PY' | tee "$BASE/ablation.md"
+import json, os, sys
 import numpy as np
 base, seeds = sys.argv[1], sys.argv[2:]
 rows = [("ACP (baseline)", "head-acp", ["acp", "head-acp"]), ("ACP, lr search", "head-acp-lrsearch", ["acp", "head-acp-lrsearch"]),
@@ -93,14 +117,20 @@ rows = [("ACP (baseline)", "head-acp", ["acp", "head-acp"]), ("ACP, lr search", 
         ("C-LoFi long, BN re-estimated", "head-clong-bnrecal", ["lofi-clong", "head-clong-bnrecal"]),
         ("C-LoFi long, lr search", "head-clong-lrsearch", ["lofi-clong", "head-clong-lrsearch"]),
         ("full fidelity end to end", "head-full", ["lofi-full", "head-full"])]
-print(f"\n{len(seeds)} seeds ({' '.join(seeds)}), mean ± std (%); time = its stage 2 + stage 3 (stage 1 for ACP), seconds a seed")
-print("| encoder for stage 3 | mAP@0.5 | mAP@0.75 | mAP@0.95 | average mAP | time (s) |\n|---|---|---|---|---|---|")
+acc = [[json.loads(l)["val_acc"] for l in open(f"{base}/seed{s}/acp/log.jsonl")][-1] for s in seeds
+       if os.path.exists(f"{base}/seed{s}/acp/log.jsonl")]
+print(f"\n{len(seeds)} seeds ({' '.join(seeds)}), each its own data and training; mean ± std (%)"
+      + (f"; stage-1 validation clip accuracy {' / '.join(f'{a:.3f}' for a in acc)}" if acc else "")
+      + "; time = the row's stage 2 + stage 3 (stage 1 + 3 for ACP), mean seconds a seed")
+print("| encoder for stage 3 | mAP@0.5 | mAP@0.75 | mAP@0.95 | average mAP | average mAP per seed | time (s) |")
+print("|---|---|---|---|---|---|---|")
 for name, run, stages in rows:
     m = np.array([[100 * json.load(open(f"{base}/seed{s}/{run}/metrics.json"))[k]
                    for k in ("mAP@0.50", "mAP@0.75", "mAP@0.95", "average-mAP")] for s in seeds])   # (S, 4)
     times = [dict(l.split() for l in open(f"{base}/seed{s}/times.txt")) for s in seeds]
     t = np.mean([sum(int(ts.get(st, 0)) for st in stages) for ts in times])
-    print(f"| {name} | " + " | ".join(f"{a:.2f} ± {b:.2f}" for a, b in zip(m.mean(0), m.std(0))) + f" | {t:.0f} |")
+    print(f"| {name} | " + " | ".join(f"{a:.2f} ± {b:.2f}" for a, b in zip(m.mean(0), m.std(0)))
+          + " | " + " / ".join(f"{x:.2f}" for x in m[:, 3]) + f" | {t:.0f} |")
 PY
   exit 0
 fi

@@ -173,6 +173,33 @@ def test_container_over_reporting(tmp_path):
         data.read_video(broken, lambda n, fps: data.snippet_indices(n, 10, 2, 4), (32, 32))
 
 
+def test_deep_check_counts_every_frame_in_parallel(tmp_path):
+    """check --deep finds a cut MJPG .avi that still opens and states its full count (the quick check
+    passes it), with the true count a naive read loop gives, the same with 1 and 2 processes."""
+    videos_dir = tmp_path / "videos"
+    videos_dir.mkdir()
+    write_counter_video(videos_dir / "whole.avi", 100, fourcc="MJPG")
+    blob = (videos_dir / "whole.avi").read_bytes()
+    (videos_dir / "cut.avi").write_bytes(blob[:len(blob) // 2])
+    (videos_dir / "empty.avi").write_bytes(b"")
+    anno = tmp_path / "anno.json"
+    anno.write_text(json.dumps({"database": {vid: {"subset": "training", "duration": 10.0, "annotations": [
+        {"segment": [1.0, 4.0], "label": "a"}]} for vid in ("whole", "cut", "empty", "gone")}}))
+    videos, _ = data.read_annotations(anno)
+    cap, true = cv2.VideoCapture(str(videos_dir / "cut.avi")), 0
+    while cap.read()[0]:
+        true += 1
+    assert 30 < true < 70
+    quick, _ = data.check(videos.values(), videos_dir)
+    assert sorted(e.split(":")[0] for e in quick) == ["empty", "gone"]
+    deep = [data.check(videos.values(), videos_dir, deep=True, workers=w)[0] for w in (1, 2)]
+    assert deep[0] == deep[1] and len(deep[0]) == 4                 # cut: its count, and so its duration
+    assert any(e.startswith("cut:") and f"{true} frames decode, the container states 100" in e for e in deep[0])
+    result = subprocess.run([sys.executable, str(ROOT / "data.py"), "check", "--anno", str(anno), "--videos",
+                             str(videos_dir), "--deep", "--workers", "2"], capture_output=True, text=True)
+    assert result.returncode == 1 and "4 errors" in result.stdout
+
+
 def test_bad_files_and_annotations(tmp_path):
     (tmp_path / "garbage.mp4").write_bytes(np.random.default_rng(0).bytes(5000))
     with pytest.raises(data.VideoError, match="garbage.mp4.*cannot open"):

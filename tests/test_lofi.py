@@ -1,9 +1,14 @@
 """lofi.py: the three stages end to end on synthetic videos, DDP parity, exact resume, bad data."""
+import contextlib
 import json
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -164,6 +169,186 @@ def test_truncated_checkpoint_is_refused_by_name(synth, tmp_path, capsys):
     assert re.search(pattern, refused([*argv, "--out", str(tmp_path / "other"), "--init", str(out / "last.pt")], capsys))
     (tmp_path / "notes.txt").write_text("not a checkpoint")
     assert re.search(r"notes\.txt: not a readable", refused([*argv, "--init", str(tmp_path / "notes.txt")], capsys))
+
+
+# ----------------------------------------------------------------------------- bad flags, dirty data, failures
+@pytest.mark.parametrize("extra, pattern", [
+    (["--anno", "/nonexistent/anno.json"], r"--anno /nonexistent/anno.json: no such file"),
+    (["--anno", "BAD_JSON"], r"anno.json: not valid JSON"),
+    (["--batch-size", "0"], r"--batch-size 0: must be a positive integer"),
+    (["--cycle", "short", "--c-s", "0"], r"--c-s 0: must be a positive integer"),
+    (["--snippets", "0"], r"--snippets 0: G-TAD needs L >= 3"),
+    (["--epochs", "-1"], r"--epochs -1: must be a positive integer"),
+    (["--lr", "nan"], r"--lr nan: must be a positive number"),
+    (["--workers", "-2"], r"--workers -2: must be a non-negative integer"),
+    (["--size", "8"], r"--size 8: must be at least 32"),
+    (["--max-bad", "2"], r"--max-bad 2.0: must be a fraction"),
+    (["--momentum", "1"], r"--momentum 1.0: must be in \[0, 1\)"),
+    (["--videos", "/nonexistent"], r"--videos /nonexistent: not a folder"),
+    (["--init", "/nonexistent.pt"], r"--init /nonexistent.pt: no such checkpoint file"),
+    (["--cycle", "sometimes"], r"argument --cycle: invalid choice"),
+])
+def test_bad_flags_get_one_line_and_exit_2(synth, tmp_path, capsys, extra, pattern):
+    if "BAD_JSON" in extra:
+        (tmp_path / "anno.json").write_text('{"database": {"a": ')
+        extra = ["--anno", str(tmp_path / "anno.json")]
+    line = refused(["--stage", "lofi", *SMALL, *synth, "--out", str(tmp_path / "run"), *extra], capsys)
+    assert re.search(pattern, line), line
+    assert not (tmp_path / "run").exists()                     # refused before anything was read or written
+
+
+def test_bad_flag_in_a_real_process_prints_no_traceback(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "lofi.py"), "--stage", "lofi", "--batch-size", "0"],
+                         cwd=tmp_path, capture_output=True, text=True)
+    assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
+    assert "--batch-size 0: must be a positive integer" in run.stderr
+
+
+@pytest.fixture(scope="module")
+def dirty(tmp_path_factory):
+    """A synthetic set with one training video missing, one cut short (an MJPG .avi that opens, states
+    all its frames and ends half-way), one empty file, and one validation video missing."""
+    root = tmp_path_factory.mktemp("dirty")
+    data.synth(root, videos=16, seed=2)
+    anno = json.load(open(root / "anno.json"))["database"]
+    train = sorted(v for v, a in anno.items() if a["subset"] == "training")
+    val = sorted(v for v, a in anno.items() if a["subset"] == "validation")
+    gone, cut, empty, val_gone = train[1], train[4], train[7], val[2]
+    for vid in (gone, val_gone):
+        (root / "videos" / f"{vid}.mp4").unlink()
+    (root / "videos" / f"{empty}.mp4").write_bytes(b"")
+    cap = cv2.VideoCapture(str(root / "videos" / f"{cut}.mp4"))
+    frames = [f for ok, f in iter(cap.read, (False, None))]
+    out = cv2.VideoWriter(str(root / "videos" / f"{cut}.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, frames[0].shape[1::-1])
+    for f in frames:
+        out.write(f)
+    out.release()
+    (root / "videos" / f"{cut}.mp4").unlink()
+    blob = (root / "videos" / f"{cut}.avi").read_bytes()
+    (root / "videos" / f"{cut}.avi").write_bytes(blob[:len(blob) // 2])
+    return root, dict(gone=gone, cut=cut, empty=empty, val_gone=val_gone)
+
+
+def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys):
+    root, bad = dirty
+    argv = [*SMALL, "--anno", str(root / "anno.json"), "--videos", str(root / "videos"), "--cache", str(tmp_path / "cache")]
+    lofi.main(["--stage", "lofi", *argv, "--out", str(tmp_path / "lofi"), "--epochs", "2", "--max-bad", "0.3"])
+    said = capsys.readouterr().out
+    assert all(vid in said for vid in (bad["gone"], bad["cut"], bad["empty"])), said
+    assert (tmp_path / "lofi" / "missing.txt").read_text() == f"{bad['gone']}\ttraining\n"
+    log = [json.loads(line) for line in open(tmp_path / "lofi" / "log.jsonl")]
+    broken = {r["id"]: r["reason"] for r in log if r.get("event") == "broken"}
+    assert set(broken) == {bad["cut"], bad["empty"]}                       # once each, though both epochs met them
+    assert "stream ends at frame" in broken[bad["cut"]] and "cannot open" in broken[bad["empty"]]
+    epochs = [r for r in log if r.get("stage") == "lofi"]
+    assert [r["steps"] for r in epochs] == [5, 5]                            # 11 of 12 have files; batch 2
+    # Stage 3: broken training videos get no features; the missing validation video is a miss.
+    lofi.main(["--stage", "head", *argv, "--out", str(tmp_path / "head"), "--epochs", "1", "--max-bad", "0.3",
+               "--init", str(tmp_path / "lofi" / "last.pt")])
+    said = capsys.readouterr().out
+    assert f"2 video(s) without features (they failed to decode): {', '.join(sorted([bad['cut'], bad['empty']]))}" in said
+    assert "1 of 4 validation videos have no file or failed to decode" in said
+    dets = json.load(open(tmp_path / "head" / "detections.json"))["results"]
+    assert len(dets) == 3 and bad["val_gone"] not in dets
+    # At the default --max-bad (0.1), 3 of 12 training videos stop stage 2, all three named.
+    line = refused(["--stage", "lofi", *argv, "--out", str(tmp_path / "strict"), "--epochs", "1"], capsys)
+    assert "3 of 12 training videos are missing or broken" in line and all(v in line for v in list(bad.values())[:3])
+
+
+RANK_SCRIPT = """
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+import lofi
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 1))
+for step in range(50):
+    with lofi.shared_failure(f"step {step}"):
+        if rank == 1 and step == 3:
+            raise RuntimeError("the disk of rank 1 is on fire")
+        loss = model(torch.ones(2, 4)).sum()
+    loss.backward()                               # DDP's all_reduce: a healthy rank would wait here forever
+"""
+
+
+def test_a_failing_rank_stops_every_rank_with_its_reason(tmp_path):
+    """Two gloo processes started by hand (no torchrun to kill the rest): rank 1 fails at step 3, and
+    both ranks stop within seconds, each naming rank 1's reason."""
+    (tmp_path / "ranks.py").write_text(RANK_SCRIPT)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "ranks.py"), str(ROOT)], stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "RANK": str(r),
+                                   "LOCAL_RANK": str(r), "WORLD_SIZE": "2", "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
+    errs = [p.communicate(timeout=60)[1] for p in procs]
+    for p, err in zip(procs, errs):
+        assert p.returncode == 1 and "rank 1: step 3: RuntimeError: the disk of rank 1 is on fire" in err, err[-2000:]
+
+
+def kill_tree(pid):
+    """SIGKILL a process and all its descendants (torchrun starts its ranks in sessions of their own)."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))    # parent pid -> pids
+    todo, family = [pid], []
+    while todo:
+        family.append(todo.pop())
+        todo.extend(children.get(family[-1], []))
+    for p in family:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, nproc):
+    """--save-every 1; SIGKILL the run (torchrun and its ranks) once a mid-epoch checkpoint exists;
+    --resume must end with the weights of an uninterrupted run, bit for bit."""
+    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
+    argv = [*launch, str(ROOT / "lofi.py"), "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--save-every", "1",
+            "--cache", str(tmp_path / "cache")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    straight = subprocess.run([*argv, "--out", str(tmp_path / "straight")], env=env, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "\r" not in straight.stderr                                    # no progress bars into a pipe
+    ckpt = tmp_path / "killed" / "last.pt"
+    run = subprocess.Popen([*argv, "--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not ckpt.exists() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.005)
+    kill_tree(run.pid)
+    run.wait()
+    at = torch.load(ckpt, weights_only=True)
+    assert at["epoch"] == 0 and at["step"] >= 1, (at["epoch"], at["step"])      # killed inside epoch 0
+    resumed = subprocess.run([*argv, "--out", str(tmp_path / "killed"), "--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0 and f"step {at['step']}" in resumed.stdout, resumed.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "killed"))
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("encoder", "head", "optimizer"):
+        flat_a, flat_b = (torch.utils._pytree.tree_leaves(x[part]) for x in (a, b))
+        assert all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(flat_a, flat_b)), part
+    logs = [[json.loads(line)["total"] for line in open(tmp_path / d / "log.jsonl")] for d in ("straight", "killed")]
+    assert logs[0] == logs[1]                                        # the resumed epoch's mean includes its first steps
+
+
+def test_the_design_card_command_finds_train_sh_outputs(tmp_path, monkeypatch):
+    """`lofi.py --stage lofi --cycle long` with no other flag, run where bash train.sh ran: its synthetic set,
+    its stage-1 checkpoint, runs/lofi, and the preset of the machine."""
+    (tmp_path / "data" / "synth" / "videos").mkdir(parents=True)
+    (tmp_path / "data" / "synth" / "anno.json").write_text(json.dumps({"database": {"a": {
+        "subset": "training", "duration": 5.0, "annotations": [{"segment": [1, 2], "label": "x"}]}}}))
+    (tmp_path / "runs" / "acp").mkdir(parents=True)
+    torch.save({"stage": "acp", "encoder": {}}, tmp_path / "runs" / "acp" / "last.pt")
+    monkeypatch.chdir(tmp_path)
+    args = lofi.get_args(["--stage", "lofi", "--cycle", "long"])
+    assert (args.anno, args.videos, args.out, args.init) == ("data/synth/anno.json", "data/synth/videos", "runs/lofi",
+                                                             "runs/acp/last.pt")
+    assert args.preset == ("paper" if torch.cuda.is_available() else "tiny")
+    assert lofi.get_args(["--stage", "head"]).init == "none"                 # no runs/lofi/last.pt yet: random
 
 
 # ----------------------------------------------------------------------------- stage 3 on precomputed features
