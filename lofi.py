@@ -22,8 +22,10 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
+import uuid
 from dataclasses import asdict
 from pathlib import Path
 
@@ -566,12 +568,11 @@ def stage_acp(args, rank, world, device):
         write_video_scores(args, net, val, classes, device, val_bad)
 
 
-def full_fidelity(args, videos, device, bad, desc, rank=0, world=1, per_rank=1):
-    """Batches of `videos` at full fidelity, in order, each rank a disjoint stride of them. A broken
-    video's place goes to the next one (a duplicate the callers overwrite), and `bad` records it."""
+def full_fidelity(args, videos, device, bad, desc, rank=0, per_rank=1):
+    """Batches of `videos` at full fidelity, in order (the bar on rank 0 only). A broken video's place
+    goes to the next one (a duplicate the callers skip or overwrite), and `bad` records it."""
     full, _ = fidelity_grid(args)
-    mine = list(range(rank, len(videos), world))
-    batches = [[(i, full) for i in mine[k:k + per_rank]] for k in range(0, len(mine), per_rank)]
+    batches = [[(i, full) for i in range(k, min(k + per_rank, len(videos)))] for k in range(0, len(videos), per_rank)]
     for batch in progress(loader(tal_dataset(args, videos), batches, args, device), desc, rank):
         bad.add(batch["replaced"])
         yield batch
@@ -669,38 +670,86 @@ def stage_lofi(args, rank, world, device):
 
 
 # ----------------------------------------------------------------------------- stage 3: head
+SHARD_VIDEOS = 256    # videos in one feature shard: the most a killed extraction loses, per rank
+
+
 @torch.no_grad()
-def extract_features(args, encoder, videos, rank, world, device, bad):
-    """Full-fidelity snippet features of every video that decodes, each rank a disjoint stride, gathered."""
-    feats = {}
-    for batch in full_fidelity(args, videos, device, bad, "features", rank, world, max(1, args.batch_size // world)):
+def extract_features(args, encoder, videos, folder, rank, world, device, bad):
+    """Full-fidelity snippet features of every video that decodes -> (ids, (N, D, L) tensor), each rank a
+    disjoint stride. Each rank writes what it computes to `folder`, SHARD_VIDEOS videos a shard, and
+    skips videos an earlier (killed) run already wrote; rank 0 then merges the shards. No collective
+    carries features (ActivityNet at D = 512: 3 GB), and rank 0 holds the merged tensor plus one shard."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = {vid for f in folder.glob("*.pt") for vid in torch.load(f, mmap=True, weights_only=True)["ids"]}
+    todo = [v for v in videos[rank::world] if v.id not in done]       # (other ranks' new shards do not matter)
+    if done:
+        print(f"features, rank {rank}: {len(done)} videos in an earlier run's shards in {folder}, {len(todo)} to go")
+    ids, feats = [], []
+
+    def write_shard():
+        if ids:
+            save_checkpoint(folder / f"rank{rank}-{uuid.uuid4().hex[:8]}.pt", dict(ids=list(ids), feats=torch.stack(feats)))
+            ids.clear()
+            feats.clear()
+    for batch in full_fidelity(args, todo, device, bad, "features", rank, max(1, args.batch_size // world)):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp):
             x = snippet_features(encoder, batch["frames"].to(device))                # (B, D, L)
-        feats.update(zip(batch["ids"], x.float().cpu().clone().unbind(0)))   # own storage each
+        for vid, f in zip(batch["ids"], x.float().cpu().unbind(0)):
+            if vid not in ids:                       # a broken video's stand-in repeats a video
+                ids.append(vid)
+                feats.append(f)                                                            # (D, L)
+        if len(ids) >= SHARD_VIDEOS:
+            write_shard()
+    write_shard()
     bad.flush("while extracting features")
-    merged = {}
-    for part in gather(feats):
-        merged.update(part)
-    return merged
+    if dist.is_initialized():
+        dist.barrier()                               # every shard written
+    return merge_shards(folder, [v.id for v in videos]) if rank == 0 else None
+
+
+def merge_shards(folder, ids):
+    """The shards of `folder` -> (the ids found, in the order of `ids`; their features (N, D, L)). One
+    shard is mapped at a time, so the peak is the merged tensor plus one shard."""
+    files = sorted(folder.glob("*.pt"))
+    found = {vid: (f, i) for f in files for i, vid in enumerate(torch.load(f, mmap=True, weights_only=True)["ids"])}
+    order = [vid for vid in ids if vid in found]
+    merged = None
+    for f in files:
+        part = torch.load(f, mmap=True, weights_only=True)
+        if merged is None:
+            merged = torch.empty(len(order), *part["feats"].shape[1:])                              # (N, D, L)
+        for n, vid in enumerate(order):
+            if found[vid][0] == f:
+                merged[n] = part["feats"][found[vid][1]]                                         # (D, L)
+        del part                                     # unmapped before the next shard
+    return order, merged if merged is not None else torch.empty(0)
 
 
 def features_for(args, encoder, videos, rank, world, device, bad):
-    """Features cached in the run folder, reused when encoder, fidelity and videos match."""
+    """dict id -> (D, L) full-fidelity features, from <out>/features.pt when encoder, fidelity and videos
+    match, else extracted (shards in <out>/features-<key>/, merged into features.pt, then removed)."""
     path = Path(args.out) / "features.pt"
     weights = hashlib.sha1()
     for k, v in encoder.state_dict().items():
         weights.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
     key = dict(encoder=weights.hexdigest(), amp=args.amp, snippets=args.snippets, frames=args.frames,
                stride=args.stride, size=args.size, ids=sorted(v.id for v in videos))
-    if path.exists():
-        cached = load_checkpoint(path)
-        if cached["key"] == key:
-            print0(f"features reused from {path}")
-            return cached["feats"]
-    feats = extract_features(args, encoder, videos, rank, world, device, bad)
-    if rank == 0:
-        save_checkpoint(path, dict(key=key, feats=feats))
-    return feats
+    try:
+        reuse = torch.load(path, mmap=True, weights_only=True)["key"] == key
+    except Exception:                                # absent, or not a features file: extract
+        reuse = False
+    if reuse:
+        print0(f"features reused from {path}")
+    else:
+        folder = Path(args.out) / f"features-{hashlib.sha1(json.dumps(key).encode()).hexdigest()[:12]}"
+        merged = extract_features(args, encoder, videos, folder, rank, world, device, bad)
+        if rank == 0:
+            save_checkpoint(path, dict(key=key, ids=merged[0], feats=merged[1]))
+            shutil.rmtree(folder)
+        if dist.is_initialized():
+            dist.barrier()                           # features.pt complete
+    cached = torch.load(path, mmap=True, weights_only=True)     # every rank maps the one file
+    return dict(zip(cached["ids"], cached["feats"].unbind(0)))
 
 
 def train_video_classifier(feats, videos, classes, seed):
@@ -874,7 +923,9 @@ def stage_head(args, rank, world, device):
     if args.features:                              # no encoder: the head trains on the given features
         encoder, feats = None, read_features(args.features, train + val, args.snippets)
     else:
-        encoder = build_encoder(args).to(device, memory_format=torch.channels_last).eval()
+        with torch.random.fork_rng():            # one encoder on every rank, even a random one (--init none)
+            torch.manual_seed(args.seed)
+            encoder = build_encoder(args).to(device, memory_format=torch.channels_last).eval()
         if args.bn_recal:
             pick = np.random.default_rng([args.seed, 11]).permutation(len(train))[:args.bn_recal]
             encoder = recalibrate_bn(args, encoder, [train[i] for i in sorted(pick)], device, bad)

@@ -109,6 +109,7 @@ if [ "$ABLATION" = 1 ]; then
   python - "$BASE" $SEEDS <<'PY' | tee "$BASE/ablation.md"
 import json, os, sys
 import numpy as np
+import evaluate
 base, seeds = sys.argv[1], sys.argv[2:]
 rows = [("ACP (baseline)", "head-acp", ["acp", "head-acp"]), ("ACP, lr search", "head-acp-lrsearch", ["acp", "head-acp-lrsearch"]),
         ("S-LoFi", "head-s", ["lofi-s", "head-s"]), ("T-LoFi", "head-t", ["lofi-t", "head-t"]),
@@ -122,15 +123,17 @@ acc = [[json.loads(l)["val_acc"] for l in open(f"{base}/seed{s}/acp/log.jsonl")]
 print(f"\n{len(seeds)} seeds ({' '.join(seeds)}), each its own data and training; mean ± std (%)"
       + (f"; stage-1 validation clip accuracy {' / '.join(f'{a:.3f}' for a in acc)}" if acc else "")
       + "; time = the row's stage 2 + stage 3 (stage 1 + 3 for ACP), mean seconds a seed")
-print("| encoder for stage 3 | mAP@0.5 | mAP@0.75 | mAP@0.95 | average mAP | average mAP per seed | time (s) |")
-print("|---|---|---|---|---|---|---|")
+print("| encoder for stage 3 | mAP@0.5 | mAP@0.75 | mAP@0.95 | average mAP | average mAP per seed | proposal AUC | time (s) |")
+print("|---|---|---|---|---|---|---|---|")
 for name, run, stages in rows:
-    m = np.array([[100 * json.load(open(f"{base}/seed{s}/{run}/metrics.json"))[k]
-                   for k in ("mAP@0.50", "mAP@0.75", "mAP@0.95", "average-mAP")] for s in seeds])   # (S, 4)
+    folders = [f"{base}/seed{s}/{run}" for s in seeds]
+    m = np.array([[100 * json.load(open(f"{d}/metrics.json"))[k] for k in ("mAP@0.50", "mAP@0.75", "mAP@0.95", "average-mAP")]
+                  for d in folders])                                                                        # (S, 4)
+    auc = [evaluate.proposal_recall(json.load(open(f"{d}/args.json"))["anno"], f"{d}/detections.json")["AUC"] for d in folders]
     times = [dict(l.split() for l in open(f"{base}/seed{s}/times.txt")) for s in seeds]
     t = np.mean([sum(int(ts.get(st, 0)) for st in stages) for ts in times])
     print(f"| {name} | " + " | ".join(f"{a:.2f} ± {b:.2f}" for a, b in zip(m.mean(0), m.std(0)))
-          + " | " + " / ".join(f"{x:.2f}" for x in m[:, 3]) + f" | {t:.0f} |")
+          + " | " + " / ".join(f"{x:.2f}" for x in m[:, 3]) + f" | {np.mean(auc):.2f} ± {np.std(auc):.2f} | {t:.0f} |")
 PY
   exit 0
 fi

@@ -351,6 +351,43 @@ def test_the_design_card_command_finds_train_sh_outputs(tmp_path, monkeypatch):
     assert lofi.get_args(["--stage", "head"]).init == "none"                 # no runs/lofi/last.pt yet: random
 
 
+def test_killed_feature_extraction_resumes_from_its_shards(synth, tmp_path, monkeypatch):
+    """Stage 3 writes features in shards as it goes: a run killed after 4 videos leaves 2 shards of 2, the
+    next run computes only the other videos, and the merged features.pt equals an uninterrupted run's."""
+    argv = ["--stage", "head", *SMALL, *synth, "--epochs", "1", "--batch-size", "1"]
+    lofi.main([*argv, "--out", str(tmp_path / "straight")])
+    monkeypatch.setattr(lofi, "SHARD_VIDEOS", 2)
+    real, calls = lofi.snippet_features, []
+
+    def dies_after_4(encoder, frames):
+        if len(calls) == 4:
+            raise KeyboardInterrupt("killed")
+        calls.append(frames.shape[0])
+        return real(encoder, frames)
+    monkeypatch.setattr(lofi, "snippet_features", dies_after_4)
+    with pytest.raises(KeyboardInterrupt):
+        lofi.main([*argv, "--out", str(tmp_path / "killed")])
+    shards = list((tmp_path / "killed").glob("features-*/*.pt"))
+    assert len(shards) == 2 and not (tmp_path / "killed" / "features.pt").exists()
+    calls.clear()
+    monkeypatch.setattr(lofi, "snippet_features", lambda e, f: calls.append(f.shape[0]) or real(e, f))
+    lofi.main([*argv, "--out", str(tmp_path / "killed")])
+    a, b = (torch.load(tmp_path / d / "features.pt", weights_only=True) for d in ("straight", "killed"))
+    assert len(calls) == len(a["ids"]) - 4 and a["ids"] == b["ids"] and torch.equal(a["feats"], b["feats"])
+    assert a["feats"].shape == (8, 512, 12) and not list((tmp_path / "killed").glob("features-*"))
+
+
+def test_two_ranks_write_shards_that_merge_into_the_single_process_features(synth, tmp_path):
+    argv = [str(ROOT / "lofi.py"), "--stage", "head", *SMALL, *synth, "--epochs", "1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launch, batch in (("one", [], "1"), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "2")):
+        run = subprocess.run([sys.executable, *launch, *argv, "--batch-size", batch, "--out", str(tmp_path / out)],
+                             env=env, capture_output=True, text=True)          # one video a step on every rank
+        assert run.returncode == 0, run.stderr[-3000:]
+    a, b = (torch.load(tmp_path / d / "features.pt", weights_only=True) for d in ("one", "two"))
+    assert a["ids"] == b["ids"] and torch.equal(a["feats"], b["feats"])
+
+
 # ----------------------------------------------------------------------------- stage 3 on precomputed features
 def test_rescale_is_linear_interpolation_between_snippet_centres():
     x = torch.tensor([[0.0, 10.0, 20.0, 40.0]])                                  # (D = 1, T = 4)

@@ -295,7 +295,7 @@ def test_shift_learns_motion_that_tsn_cannot(tmp_path):
         ds = data.ClipDataset([v for v in videos.values() if v.subset == subset], tmp_path / "videos", classes,
                               4, 2, size=(64, 64), train=True, seed=1, augment=augment)
         items = [ds[k] for e in range(draws) if ds.set_epoch(e) is None for k in range(len(ds))]
-        return torch.stack([x for x, _ in items]), torch.tensor([y for _, y in items])   # (N, 4, 3, 64, 64), (N,)
+        return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])   # (N, 4, 3, 64, 64), (N,)
     (x_train, y_train), (x_val, y_val) = clips("training", 8, True), clips("validation", 4, False)
     accuracy = {}
     for shift_div in (8, 0):
