@@ -217,12 +217,11 @@ def fit_frame(img, size):
     return img
 
 
-def read_frames(cap, wanted, size):
-    """Frames at sorted unique indices in one sequential pass: grab() skips, retrieve() converts only
-    the frames asked for (seeking is slow and lands on key frames). -> ((K, 3, H, W) RGB uint8, None),
-    or (None, frames in the stream) if it ends first."""
+def read_frames(cap, wanted, size, pos=0):
+    """Frames at sorted unique indices in one sequential pass from frame `pos` (where the capture is):
+    grab() skips, retrieve() converts only the frames asked for. -> ((K, 3, H, W) RGB uint8, None), or
+    (None, frames in the stream) if it ends first."""
     out = np.empty((len(wanted), 3, size[0], size[1]), np.uint8)        # (K, 3, H, W)
-    pos = 0
     for j, t in enumerate(wanted):
         while pos <= t:
             if not cap.grab():
@@ -235,16 +234,32 @@ def read_frames(cap, wanted, size):
     return out, None
 
 
-def read_video(path, index_fn, size):
+def landed(cap):
+    return int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+
+
+def seek(path, cap, frame):
+    """Put the capture before `frame` -> (capture, its position). The position it lands on is checked;
+    where the container cannot seek exactly, the file is reopened and read from frame 0."""
+    if frame == 0 or (cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and landed(cap) == frame):
+        return cap, frame
+    cap.release()
+    return open_video(path)[0], 0
+
+
+def read_video(path, index_fn, size, seek_first=False):
     """Decode the frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps).
-    If the stream ends before the container's count n, the indices are recomputed from the true count
-    when the gap is within the duration tolerance (max(1 s, 2 %)); beyond it the video is an error."""
+    seek_first: jump to the first of them instead of decoding from frame 0 (a stage-1 clip late in a
+    long video). If the stream ends before the container's count n, the indices are recomputed from the
+    true count when the gap is within the duration tolerance (max(1 s, 2 %)); beyond it the video is an
+    error."""
     cap, n, fps = open_video(path)
     try:
         for attempt in range(2):
             idx = np.asarray(index_fn(n, fps))
             wanted, inverse = np.unique(idx, return_inverse=True)
-            frames, true_n = read_frames(cap, wanted, size)
+            cap, pos = seek(path, cap, int(wanted[0])) if seek_first else (cap, 0)
+            frames, true_n = read_frames(cap, wanted, size, pos)
             if frames is not None:
                 if np.array_equal(wanted, idx.ravel()):              # sorted, no repeats: no copy needed
                     return frames.reshape(*idx.shape, *frames.shape[1:]), n, fps
@@ -517,7 +532,7 @@ class ClipDataset(torch.utils.data.Dataset):
         def index_fn(n, fps):
             first = min(int(start * fps), n - 1)
             return clip_indices(first, max(first + 1, min(n, math.ceil(end * fps))), u, self.F, self.stride)
-        frames = read_video(self.paths[i], index_fn, self.size)[0]                         # (F, 3, H, W)
+        frames = read_video(self.paths[i], index_fn, self.size, seek_first=True)[0]        # (F, 3, H, W)
         if self.train and self.augment:
             frames = augment_clip(frames, np.random.default_rng([self.seed, self.epoch, k, 1]))
         return torch.from_numpy(frames), self.classes.index(v.labels[j])

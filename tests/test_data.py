@@ -152,6 +152,20 @@ def test_decoded_frames_are_the_frames_at_the_indices(tmp_path):
     np.testing.assert_array_equal(read_counter(clip.numpy()), data.snippet_indices(90, 5, 2, 3))
 
 
+@pytest.mark.parametrize("fourcc, ext", [("mp4v", "mp4"), ("MJPG", "avi")])
+def test_seeking_reads_the_same_frames_as_decoding_from_the_start(tmp_path, monkeypatch, fourcc, ext):
+    path = tmp_path / f"counter.{ext}"
+    write_counter_video(path, 120, fourcc=fourcc)
+    for first in (0, 1, 37, 100, 116):
+        index_fn = lambda n, fps: data.clip_indices(first, n, 0.0, 2, 2)                # frames first .. first + 3
+        sought, n, _ = data.read_video(path, index_fn, (32, 32), seek_first=True)
+        np.testing.assert_array_equal(read_counter(sought), index_fn(120, 10))
+        assert np.array_equal(sought, data.read_video(path, index_fn, (32, 32))[0]) and n == 120
+    monkeypatch.setattr(data, "landed", lambda cap: -1)                                  # a seek that misses
+    frames, _, _ = data.read_video(path, lambda n, fps: [100, 102], (32, 32), seek_first=True)
+    np.testing.assert_array_equal(read_counter(frames), [100, 102])                      # read from frame 0
+
+
 def test_container_over_reporting(tmp_path):
     """A truncated MJPG .avi keeps its header's frame count: slightly short -> indices recomputed from
     the true count; far short -> an error naming the file."""

@@ -54,7 +54,7 @@ class Floor(torch.utils.data.Dataset):
     def __getitem__(self, item):
         i, fid = item
         return dict(frames=torch.full((fid.L, F, 3, fid.H, fid.W), i % 255, dtype=torch.uint8),
-                    segments=torch.zeros(2, 2), labels=["x"], id=str(i), duration=1.0, fidelity=fid)
+                    segments=torch.zeros(2, 2), labels=["x"], id=str(i), duration=1.0, fidelity=fid, replaced=[])
 
 
 def loader_epoch(ds, configs, epoch, args, cycle="long", persistent=None):
