@@ -155,9 +155,9 @@ class VideoError(RuntimeError):
 
 
 def video_files(video_dir):
-    """One listing of a video folder -> dict id -> path (<id>.<ext> before v_<id>.<ext>, extensions in
-    EXTENSIONS order, as find_video): one directory read instead of 8 stat calls a video on a shared
-    filesystem (80k for ActivityNet)."""
+    """One listing of a video folder -> dict id -> path: <id>.<ext> before v_<id>.<ext>, extensions in
+    EXTENSIONS order. One directory read, not a stat call per name and extension (80k for ActivityNet
+    on a shared filesystem)."""
     found = {}
     for name in sorted(os.listdir(video_dir)):
         stem, _, ext = name.rpartition(".")
@@ -173,14 +173,6 @@ def video_files(video_dir):
 def worker_init(_):
     """DataLoader workers decode with one OpenCV thread each: the workers are the parallelism."""
     cv2.setNumThreads(1)
-
-
-def find_video(video_dir, vid):
-    tried = [Path(video_dir) / f"{prefix}{vid}.{ext}" for prefix in ("", "v_") for ext in EXTENSIONS]
-    for path in tried:
-        if path.is_file():
-            return path
-    raise FileNotFoundError(f"no video file for {vid}; tried {', '.join(map(str, tried))}")
 
 
 def open_video(path):
@@ -218,9 +210,9 @@ def fit_frame(img, size):
 
 
 def read_frames(cap, wanted, size, pos=0):
-    """Frames at sorted unique indices in one sequential pass from frame `pos` (where the capture is):
-    grab() skips, retrieve() converts only the frames asked for. -> ((K, 3, H, W) RGB uint8, None), or
-    (None, frames in the stream) if it ends first."""
+    """Frames at sorted unique indices in one sequential pass; `pos` is the frame the next grab() decodes
+    (after seek(), frame pos - 1 is grabbed and waiting): grab() skips, retrieve() converts only the
+    frames asked for. -> ((K, 3, H, W) RGB uint8, None), or (None, frames in the stream) if it ends first."""
     out = np.empty((len(wanted), 3, size[0], size[1]), np.uint8)        # (K, 3, H, W)
     for j, t in enumerate(wanted):
         while pos <= t:
@@ -234,15 +226,18 @@ def read_frames(cap, wanted, size, pos=0):
     return out, None
 
 
-def landed(cap):
-    return int(cap.get(cv2.CAP_PROP_POS_FRAMES))
+def landed(cap, fps):
+    """The frame number of the frame just grabbed, from its timestamp (not from OpenCV's frame counter,
+    which reports the frame asked for even where a seek lands elsewhere)."""
+    return round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000)
 
 
-def seek(path, cap, frame):
-    """Put the capture before `frame` -> (capture, its position). The position it lands on is checked;
-    where the container cannot seek exactly, the file is reopened and read from frame 0."""
-    if frame == 0 or (cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and landed(cap) == frame):
-        return cap, frame
+def seek(path, cap, fps, frame):
+    """Position the capture so that the next frame read_frames needs is `frame` -> (capture, position
+    for read_frames). The frame it lands on is checked by its timestamp; where the container cannot
+    seek exactly, the file is reopened and read from frame 0."""
+    if frame > 0 and cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and cap.grab() and landed(cap, fps) == frame:
+        return cap, frame + 1                        # `frame` is grabbed: read_frames retrieves it first
     cap.release()
     return open_video(path)[0], 0
 
@@ -258,7 +253,7 @@ def read_video(path, index_fn, size, seek_first=False):
         for attempt in range(2):
             idx = np.asarray(index_fn(n, fps))
             wanted, inverse = np.unique(idx, return_inverse=True)
-            cap, pos = seek(path, cap, int(wanted[0])) if seek_first else (cap, 0)
+            cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
             frames, true_n = read_frames(cap, wanted, size, pos)
             if frames is not None:
                 if np.array_equal(wanted, idx.ravel()):              # sorted, no repeats: no copy needed
@@ -413,19 +408,23 @@ def normalised_segments(video):
     return torch.from_numpy(np.clip(video.segments / video.duration, 0, 1)).float()
 
 
+REPLACE_TRIES = 16    # broken videos in a row before an item gives up (then --max-bad has long stopped the run)
+
+
 def replacing(read, n, index, name):
-    """read(index), or, if that video is broken (VideoError), read() of the next index that works
-    (cyclically: deterministic, same split) -> (item, [dict(id, reason, by)] of the videos it replaced).
-    A broken video costs a wasted decode each epoch, but the batch and every rank keep their size."""
+    """read(index), or, if that video is broken (VideoError, or its file gone since the start), read()
+    of the next index that works (cyclically: deterministic, same split) -> (item, [dict(id, reason, by)]
+    of the videos it replaced). A broken video costs a wasted decode each epoch, but the batch and every
+    rank keep their size. Other errors (a full disk, a bug) are not the video's fault and propagate."""
     replaced = []
-    for k in range(n):
+    for k in range(min(n, REPLACE_TRIES)):
         try:
             item = read((index + k) % n)
-        except (VideoError, OSError) as e:             # OSError: e.g. a file deleted since the start
+        except (VideoError, FileNotFoundError) as e:
             replaced.append(dict(id=name(index + k), reason=str(e)))
             continue
         return item, [dict(r, by=name(index + k)) for r in replaced]
-    raise VideoError(f"all {n} videos failed to decode; the first: {replaced[0]['reason']}")
+    raise VideoError(f"{len(replaced)} videos in a row failed to decode, from {replaced[0]['id']}: {replaced[0]['reason']}")
 
 
 class TALDataset(torch.utils.data.Dataset):
@@ -571,7 +570,8 @@ class FidelityBatchSampler:
         G = batch_size_per_rank * world_size
         self.steps = num_items // G if drop_last else -(-num_items // G)
         if self.steps == 0:
-            raise ValueError(f"{num_items} items cannot fill one batch of {world_size} x {batch_size_per_rank}")
+            raise BadInput(f"{num_items} videos cannot fill one batch of {world_size} x {batch_size_per_rank} "
+                           "(--batch-size is global: lower it)")
         fidelity_at(self.configs, cycle, 0, 0, c_l, c_s)        # fail now on a bad cycle name
 
     def set_epoch(self, epoch, start_step=0):

@@ -98,12 +98,13 @@ if [ "$ABLATION" = 1 ]; then
     for S in $SEEDS; do
       while [ "$(jobs -rp | wc -l)" -ge "$JOBS" ]; do wait -n || true; done
       mkdir -p "$BASE/seed$S"
-      ( ablate "$S" ) > "$BASE/seed$S/train.log" 2>&1 &
+      rm -f "$BASE/seed$S/done"
+      ( ablate "$S" && touch "$BASE/seed$S/done" ) > "$BASE/seed$S/train.log" 2>&1 &
       echo "seed $S: log in $BASE/seed$S/train.log"
     done
     wait
     for S in $SEEDS; do
-      [ -f "$BASE/seed$S/head-acp-lrsearch/metrics.json" ] || die "seed $S failed: see $BASE/seed$S/train.log"
+      [ -f "$BASE/seed$S/done" ] || die "seed $S failed: see $BASE/seed$S/train.log"
     done
   fi
   python - "$BASE" $SEEDS <<'PY' | tee "$BASE/ablation.md"

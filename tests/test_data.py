@@ -161,7 +161,7 @@ def test_seeking_reads_the_same_frames_as_decoding_from_the_start(tmp_path, monk
         sought, n, _ = data.read_video(path, index_fn, (32, 32), seek_first=True)
         np.testing.assert_array_equal(read_counter(sought), index_fn(120, 10))
         assert np.array_equal(sought, data.read_video(path, index_fn, (32, 32))[0]) and n == 120
-    monkeypatch.setattr(data, "landed", lambda cap: -1)                                  # a seek that misses
+    monkeypatch.setattr(data, "landed", lambda cap, fps: -1)                             # a seek that misses
     frames, _, _ = data.read_video(path, lambda n, fps: [100, 102], (32, 32), seek_first=True)
     np.testing.assert_array_equal(read_counter(frames), [100, 102])                      # read from frame 0
 
@@ -221,10 +221,12 @@ def test_bad_files_and_annotations(tmp_path):
     cv2.VideoWriter(str(tmp_path / "empty.avi"), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 64)).release()
     with pytest.raises(data.VideoError, match="empty.avi: the container states 0 frames"):
         data.read_video(tmp_path / "empty.avi", lambda n, fps: [0], (32, 32))
-    with pytest.raises(FileNotFoundError, match=r"nothere.*tried .*nothere\.mp4.*v_nothere\.avi"):
-        data.find_video(tmp_path, "nothere")
-    (tmp_path / "v_prefixed.webm").write_bytes(b"")
-    assert data.find_video(tmp_path, "prefixed").name == "v_prefixed.webm"
+    # One listing finds <id>.<ext> before v_<id>.<ext>, in EXTENSIONS order, and keeps ids that start with v_.
+    for name in ("v_prefixed.webm", "both.avi", "both.mp4", "v_both.mp4", "v_v_UmAH95xls.mkv", "notes.txt"):
+        (tmp_path / name).write_bytes(b"")
+    files = {vid: path.name for vid, path in data.video_files(tmp_path).items()}
+    assert files["prefixed"] == "v_prefixed.webm" and files["both"] == "both.mp4" and "nothere" not in files
+    assert files["v_UmAH95xls"] == "v_v_UmAH95xls.mkv" and not any(name == "notes.txt" for name in files.values())
 
     bad = tmp_path / "bad.json"
     for text, pattern in [("{not json", "bad.json: not valid JSON"), ('{"videos": {}}', "bad.json: no 'database'"),
@@ -319,7 +321,7 @@ def test_synth_actions_show_only_in_motion(synth_set):
     assert set(data.class_names(videos)) <= set(data.SYNTH_CLASSES)
     kinds = set()
     for v in videos.values():
-        frames, n, fps = data.read_video(data.find_video(synth_set / "videos", v.id), lambda n, fps: np.arange(n), (64, 64))
+        frames, n, fps = data.read_video(synth_set / "videos" / f"{v.id}.mp4", lambda n, fps: np.arange(n), (64, 64))
         assert abs(n / fps - v.duration) < 1e-6 and 1 <= len(v.segments) <= 3 and len(set(v.labels)) == 1
         moving = (np.abs(np.diff(frames.astype(int), axis=0)).max(1) > 40).mean((1, 2))    # (n - 1,)
         inside, distracted = np.zeros(n, bool), np.zeros(n, bool)

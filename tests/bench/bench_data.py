@@ -96,7 +96,8 @@ def main():
     videos, _ = data.read_annotations(anno)
     vids = [videos[k] for k in sorted(videos)]
     vdir = tmp / "synth" / "videos"
-    paths = [data.find_video(vdir, v.id) for v in vids]
+    files = data.video_files(vdir)
+    paths = [files[v.id] for v in vids]
     plain = data.TALDataset(vids, vdir, F, STRIDE, full=FULL)
     rows = {k: [] for k in ["raw_default", "raw_1", "loader", "build", "flush", "cached", "cached_persistent",
                             "clofi_cached", "floor", "items", "items_cached"]}
