@@ -7,7 +7,8 @@ Localization" (NeurIPS 2021), Sec. 3.1 / Fig. 1, as three stages of one program:
   --stage lofi   (2) encoder + G-TAD head end to end on the TAL loss at low fidelity
                      (S-, T-, ST-LoFi, Eq. 2-4, or the C-LoFi cycle, Sec. 3.2)
   --stage head   (3) frozen encoder, full-fidelity features, a fresh G-TAD head, detections, mAP
-and two utilities: --stage plan (training memory of every fidelity) and --stage detect (one video).
+and two utilities: --stage plan (training memory, speed and TFLOP/s of every fidelity) and --stage
+detect (one video).
 
   torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long   # after bash train.sh: its data and stage 1
   python lofi.py --stage lofi --preset paper --anno A.json --videos DIR --out runs/lofi --init runs/acp/last.pt
@@ -38,6 +39,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 import data
@@ -1072,8 +1074,17 @@ def step_cost(fn, params, device, amp):
     return held, seconds
 
 
+def step_flops(fn, amp, device):
+    """Floating-point operations (2 per multiply-add) of one forward + backward of fn, as torch counts them."""
+    with FlopCounterMode(display=False) as counter:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            out = fn()
+        out.backward()
+    return counter.get_total_flops()
+
+
 def measure(args, fid, device, checkpoint, amp, snippets):
-    """Memory per video, seconds per video and fixed memory of a training step at fidelity fid.
+    """Memory per video, seconds per video, fixed memory and FLOPs per video of a training step at fid.
 
     Memory per video is the marginal cost: the encoder runs on k and 2k snippets (snippets are
     independent, so it scales exactly by L / k), the head on 1 and 2 videos at the configuration's L.
@@ -1083,21 +1094,21 @@ def measure(args, fid, device, checkpoint, amp, snippets):
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim)).to(device).train()
     labels = batch_targets([torch.tensor([[0.2, 0.5], [0.6, 0.9]])], fid.L, device)
 
-    def run_encoder(n):
+    def encoder_step(n):
         frames = torch.randint(0, 256, (n, args.frames, 3, fid.H, fid.W), dtype=torch.uint8, device=device)
-        return step_cost(lambda: encoder(tsm.normalize(frames)).float().square().mean(),
-                         list(encoder.parameters()), device, amp)
+        return lambda: encoder(tsm.normalize(frames)).float().square().mean()
 
-    def run_head(b):
+    def head_step(b):
         feats = torch.randn(b, encoder.dim, fid.L, device=device, requires_grad=True)      # (b, D, L)
-        return step_cost(lambda: gtad.loss(head(feats), *(t.expand(b, *t.shape[1:]) for t in labels))["total"],
-                         list(head.parameters()), device, amp)
-    (e1, te), (e2, _) = run_encoder(snippets), run_encoder(2 * snippets)
-    (h1, th), (h2, _) = run_head(1), run_head(2)
+        return lambda: gtad.loss(head(feats), *(t.expand(b, *t.shape[1:]) for t in labels))["total"]
+    encoder_params, head_params = list(encoder.parameters()), list(head.parameters())
+    (e1, te), (e2, _) = (step_cost(encoder_step(n), encoder_params, device, amp) for n in (snippets, 2 * snippets))
+    (h1, th), (h2, _) = (step_cost(head_step(b), head_params, device, amp) for b in (1, 2))
     per_snippet, per_head = (e2 - e1) / snippets, h2 - h1
     weights = 2 * sum(p.numel() * p.element_size() for p in [*encoder.parameters(), *head.parameters()])
     fixed = weights + max(0.0, e1 - per_snippet * snippets) + max(0.0, h1 - per_head)
-    return per_snippet * fid.L + per_head, te * fid.L / snippets + th, fixed
+    flops = step_flops(encoder_step(snippets), amp, device) * fid.L / snippets + step_flops(head_step(1), amp, device)
+    return per_snippet * fid.L + per_head, te * fid.L / snippets + th, fixed, flops
 
 
 def stage_plan(args):
@@ -1110,21 +1121,24 @@ def stage_plan(args):
     for name, fid in progress(configs, "plan"):
         snippets = min(fid.L, args.plan_snippets or (25 if device.type == "cuda" else 4))
         for ckpt, amp in variants:
-            per_video, seconds, fixed = measure(args, fid, device, ckpt, amp, snippets)
+            per_video, seconds, fixed, flops = measure(args, fid, device, ckpt, amp, snippets)
             rows.append(dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=snippets,
-                             mib_per_video=per_video / 2**20, s_per_video=seconds, fixed_mib=fixed / 2**20))
+                             mib_per_video=per_video / 2**20, s_per_video=seconds, fixed_mib=fixed / 2**20,
+                             videos_per_s=1 / seconds, tflop_per_video=flops / 1e12, tflops=flops / seconds / 1e12))
     print0(f"device {device}: memory per video = marginal activation memory of a training step (encoder on "
            f"{rows[0]['snippets_run']} and {2 * rows[0]['snippets_run']} snippets, scaled to L; head at L); "
            f"fixed {rows[0]['fixed_mib']:.0f} MiB (weights, grads)")
-    print0("| config | L x H x W | ckpt | amp | MiB / video | x full | s / video | fits |")
-    print0("|---|---|---|---|---|---|---|---|")
+    print0("| config | L x H x W | ckpt | amp | MiB / video | x full | s / video | videos / s | TFLOP / video | "
+           "TFLOP/s | fits |")
+    print0("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         ref = next(q for q in rows if q["config"] == "full" and (q["checkpoint"], q["amp"]) == (r["checkpoint"], r["amp"]))
         r["ratio"] = r["mib_per_video"] / ref["mib_per_video"]
         if args.budget_gb:
             r["fits"] = max(0, int((args.budget_gb * 1024 - r["fixed_mib"]) // r["mib_per_video"]))
         print0(f"| {r['config']} | {r['fidelity']} | {r['checkpoint']} | {r['amp']} | {r['mib_per_video']:.0f} | "
-               f"{r['ratio']:.2f} | {r['s_per_video']:.2f} | {r.get('fits', '-')} |")
+               f"{r['ratio']:.2f} | {r['s_per_video']:.2f} | {r['videos_per_s']:.2f} | {r['tflop_per_video']:.3f} | "
+               f"{r['tflops']:.2f} | {r.get('fits', '-')} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "plan.json").write_text(json.dumps(rows, indent=1))
     return rows

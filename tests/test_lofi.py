@@ -142,6 +142,21 @@ def test_plan_reports_all_four_configurations(tmp_path):
     plain = next(r for r in rows if r["config"] == "full" and not r["checkpoint"] and not r["amp"])
     ckpt = next(r for r in rows if r["config"] == "full" and r["checkpoint"] and not r["amp"])
     assert ckpt["mib_per_video"] < plain["mib_per_video"]
+    # Work per video: T-LoFi runs a quarter of the snippets (3 of 12) at full size, so about a quarter of
+    # full fidelity's FLOPs (the head is small). S-LoFi's 16^2 frames save less at this toy size: ResNet's
+    # last stages are 1 x 1 either way.
+    flops = {r["config"]: r["tflop_per_video"] for r in rows if not r["checkpoint"] and not r["amp"]}
+    assert 0.2 < flops["T"] / flops["full"] < 0.3 and flops["S"] < flops["full"]
+    assert all(r["tflops"] == pytest.approx(r["tflop_per_video"] * r["videos_per_s"]) for r in rows)
+
+
+def test_flop_count_of_resnet18_matches_its_published_cost():
+    """torchvision's ResNet-18 costs 1.81 GFLOPs (multiply-adds) per 224^2 image; a training step is a
+    forward and a backward of about twice its cost. TSM adds no multiply-adds (the shift is a copy)."""
+    encoder = lofi.tsm.TSM(lofi.tsm.TSMConfig(depth=18))
+    frames = torch.randint(0, 256, (1, 2, 3, 224, 224), dtype=torch.uint8)
+    flops = lofi.step_flops(lambda: encoder(lofi.tsm.normalize(frames)).square().mean(), False, torch.device("cpu"))
+    assert flops / (2 * 2 * 1.81e9) == pytest.approx(3.0, rel=0.03)          # 2 frames, 2 FLOPs a MAC, x3
 
 
 def test_torchrun_one_process_equals_plain_python(synth, tmp_path):
