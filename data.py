@@ -324,12 +324,13 @@ def _probe(path, deep):
         cap.release()
 
 
-def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1):
+def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, files=None):
     """-> (errors, warnings). Errors would break or mislabel training: missing or undecodable files,
     zero frames, a duration mismatch beyond tolerance, empty or (given `classes`) unknown labels.
     decode=False only looks for the files; deep decodes every frame (in `workers` processes) and
-    compares the count with the container's."""
-    errors, warnings, files, probe = [], [], video_files(video_dir), []
+    compares the count with the container's. files: video_files(video_dir), if the caller has it."""
+    errors, warnings, probe = [], [], []
+    files = video_files(video_dir) if files is None else files
     for v in videos:
         for label in v.labels:
             if not label.strip():
@@ -380,11 +381,11 @@ def _usable(videos, video_dir, classes=None):
     """The datasets' fail-fast start: the cheap half of `check`, then each video's file. (lofi.py drops
     videos without a file, with a record, before it builds a dataset.)"""
     videos = list(videos.values() if isinstance(videos, dict) else videos)
-    errors, _ = check(videos, video_dir, decode=False, classes=classes)
+    files = video_files(video_dir)                   # one listing of the folder for both
+    errors, _ = check(videos, video_dir, decode=False, classes=classes, files=files)
     if errors:
         raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
                        + "\n".join(errors[:20]))
-    files = video_files(video_dir)
     return videos, [files[v.id] for v in videos]
 
 
