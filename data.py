@@ -1,5 +1,5 @@
 """Data for LoFi: annotations, OpenCV decoding, fidelity-aware snippet batches, the C-LoFi schedules,
-the datasets, a frame cache, a synthetic dataset and a data check.
+the datasets, the frame store, a synthetic dataset and a data check.
 
 Paper (Xu et al., NeurIPS 2021) Sec. 3: a video is L snippets, each of F frames taken at a stride inside
 a window of F * stride consecutive frames (64 frames at stride 8 -> 8 frames). Sec. 3.2: the full
@@ -8,24 +8,27 @@ cycle) or every c_s batches (short cycle); Sec. 4.3: r_s = 2, r_t = 4, and (r_t,
 
     python data.py synth data/synth --videos 128 --seed 0    # mp4 files + ActivityNet-style anno.json
     python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--deep]
+    python data.py prepare --anno A.json --videos DIR --store S --preset paper   # then lofi.py --store S
 
-Frames are decoded once, sequentially, with OpenCV, at full resolution (optionally into a frame cache);
-every lower fidelity is resized from those frames, so cached and uncached batches are identical.
+Every stage reads either video files or a frame store. From files, the frames a batch needs are decoded
+sequentially with OpenCV at full resolution, and every lower fidelity is resized from them. `prepare`
+decodes each video once and keeps, as JPEGs at full resolution, only the frames any stage can ask for;
+a lower fidelity then comes from libjpeg's reduced-size decoding plus one resize.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import sys
 import uuid
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+from tqdm import tqdm
 
 EXTENSIONS = ("mp4", "mkv", "webm", "avi")
 TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
@@ -294,8 +297,8 @@ def clip_indices(first, end, u, F, stride):
 
 
 def resize_frames(frames, size):
-    """(..., 3, h, w) -> (..., 3, H, W), each colour plane by INTER_AREA: the one path from full-resolution
-    frames (decoded or cached) to a lower fidelity, so cached and uncached batches are identical."""
+    """(..., 3, h, w) -> (..., 3, H, W), each colour plane by INTER_AREA: from full-resolution decoded
+    frames to a lower fidelity."""
     H, W = size
     if frames.shape[-2:] == (H, W):
         return frames
@@ -308,6 +311,172 @@ def read_snippets(path, full, F=8, stride=8):
     """One video file at a fidelity -> (uint8 tensor (L, F, 3, H, W), duration in seconds)."""
     frames, n, fps = read_video(path, lambda n, fps: snippet_indices(n, full.L, F, stride), (full.H, full.W))
     return torch.from_numpy(frames), n / fps
+
+
+# ----------------------------------------------------------------------------- frame store
+# Full-fidelity geometry of each preset (lofi.py's PRESETS take it from here): what `prepare` stores.
+GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
+            "tiny": dict(snippets=32, frames=4, stride=2, size=64)}
+JPEG_QUALITY = 90          # 224^2: ~7x smaller than raw uint8, 34 dB PSNR (issue 11); README: size, feature cosine
+CLIP_POSITIONS = (np.arange(7) + 0.5) / 7   # stage-1 windows stored per instance (u of clip_indices); 0.5 is one
+REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+
+
+def instance_frames(segment, n, fps):
+    """An instance (start, end) in seconds -> its frames [first, end) in a video of n frames at fps."""
+    first = min(int(segment[0] * fps), n - 1)
+    return first, max(first + 1, min(n, math.ceil(segment[1] * fps)))
+
+
+def stored_frames(video, n, fps, geometry):
+    """The frames `prepare` keeps of a video of n frames -> sorted unique indices: every snippet frame at
+    each L of full, S, T and ST fidelity, and the stage-1 windows at CLIP_POSITIONS inside each instance."""
+    F, stride, full = geometry["frames"], geometry["stride"], Fidelity(geometry["snippets"], 1, 1)
+    parts = [snippet_indices(n, L, F, stride).ravel() for L in {c.L for c in [full, *c_lofi(full)]}]
+    parts += [clip_indices(*instance_frames(s, n, fps), u, F, stride) for s in video.segments for u in CLIP_POSITIONS]
+    return np.unique(np.concatenate(parts))
+
+
+def decode_jpeg(buf, stored, size):
+    """JPEG bytes of a stored (h, w) frame -> (3, H, W) RGB uint8. libjpeg decodes at 1/2, 1/4 or 1/8 scale
+    for the cost of that size, so S-LoFi's 112^2 comes straight out of a 224^2 frame; one resize does
+    the rest (ST-LoFi's 158^2)."""
+    (h, w), (H, W) = stored, size
+    r = max(r for r in REDUCED if h // r >= H and w // r >= W) if h >= H and w >= W else 1
+    img = cv2.imdecode(np.frombuffer(buf, np.uint8), REDUCED[r])
+    if img is None:
+        raise ValueError("not a JPEG image")
+    if img.shape[:2] != (H, W):
+        img = cv2.resize(img, (W, H), interpolation=cv2.INTER_AREA if img.shape[0] > H else cv2.INTER_LINEAR)
+    return img.transpose(2, 0, 1)[::-1]                                  # channels first, BGR -> RGB
+
+
+class FrameStore:
+    """A folder `prepare` wrote: decoded once, any fidelity read without touching a video file.
+
+    store.json       the geometry, JPEG quality and clip positions it was prepared for
+    manifest.jsonl   a line per video and attempt (id, frames, fps, duration, stored, bytes, error);
+                     an id's last line counts
+    <id>.jpg         its stored frames (`stored_frames`) at full H x W, JPEGs back to back
+    <id>.idx.npy     (K, 3) int64: frame number, byte offset, byte length; written after <id>.jpg,
+                     so its presence means the video is complete
+    """
+
+    def __init__(self, root):
+        self.root = Path(root)
+        try:
+            self.config = json.loads((self.root / "store.json").read_text())
+            lines = (self.root / "manifest.jsonl").read_text().splitlines()
+        except (OSError, ValueError) as e:
+            raise BadInput(f"{root}: not a frame store ({e}); make one with `python data.py prepare`") from None
+        self.records = {}
+        for line in lines:
+            try:
+                r = json.loads(line)
+            except ValueError:                       # the last line of a killed prepare: that video is redone
+                continue
+            self.records[r["id"]] = r
+
+    def ready(self):
+        """-> set of the ids whose frames are all stored."""
+        return {vid for vid, r in self.records.items() if r["error"] is None}
+
+    def matches(self, snippets, frames, stride, size):
+        """-> None, or why a run of this geometry cannot read the store."""
+        want = dict(snippets=snippets, frames=frames, stride=stride, size=size)
+        have = {k: self.config[k] for k in want}
+        return None if have == want else f"prepared for {have}, this run needs {want}: prepare a store for it"
+
+    def read(self, vid, index_fn, size):
+        """The frames index_fn(num_frames, fps) asks for, at H x W -> (*idx.shape, 3, H, W) uint8."""
+        r, side = self.records[vid], self.config["size"]
+        idx = np.asarray(index_fn(r["frames"], r["fps"]))
+        wanted, inverse = np.unique(idx, return_inverse=True)
+        jpg = self.root / f"{vid}.jpg"
+        index = np.load(self.root / f"{vid}.idx.npy")                                          # (K, 3)
+        rows = np.searchsorted(index[:, 0], wanted)
+        if rows.max() >= len(index) or not np.array_equal(index[rows, 0], wanted):
+            raise VideoError(f"{jpg}: frames {sorted(set(wanted.tolist()) - set(index[:, 0].tolist()))[:5]} are not "
+                             "in the store (prepared for another geometry?)")
+        out = np.empty((len(wanted), 3, *size), np.uint8)
+        with open(jpg, "rb") as f:
+            for j, (_, offset, length) in enumerate(index[rows]):
+                f.seek(offset)
+                try:
+                    out[j] = decode_jpeg(f.read(length), (side, side), size)
+                except ValueError as e:               # (cv2.error is a subclass too)
+                    raise VideoError(f"{jpg}: frame {wanted[j]} does not decode ({e}); prepare it again") from None
+        if np.array_equal(wanted, idx.ravel()):
+            return out.reshape(*idx.shape, *out.shape[1:])
+        return out[inverse.reshape(idx.shape)]
+
+
+def _prepare_one(job):
+    """One video into the store (in a worker process) -> its manifest record."""
+    video, path, root, geometry = job
+    record = dict(id=video.id, frames=None, fps=None, duration=None, stored=0, bytes=0, error=None)
+    try:
+        side = geometry["size"]
+        frames, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side))
+        wanted = stored_frames(video, n, fps, geometry)
+        blobs = [cv2.imencode(".jpg", np.ascontiguousarray(f[::-1].transpose(1, 2, 0)),       # RGB -> BGR, HWC
+                              [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1] for f in frames]
+    except VideoError as e:
+        return dict(record, error=str(e))
+    lengths = np.array([len(b) for b in blobs], np.int64)
+    index = np.stack([wanted, np.cumsum(lengths) - lengths, lengths], 1)                      # (K, 3)
+    _atomic_save(root / f"{video.id}.jpg", lambda f: [f.write(b.tobytes()) for b in blobs])
+    _atomic_save(root / f"{video.id}.idx.npy", lambda f: np.save(f, index))   # last: the video is complete
+    return dict(record, frames=n, fps=fps, duration=n / fps, stored=len(blobs), bytes=int(lengths.sum()))
+
+
+def _unordered(fn, jobs, workers):
+    """fn over jobs, results as they finish (a slow video does not hold back the record of others)."""
+    if workers == 1:
+        yield from map(fn, jobs)
+        return
+    with ProcessPoolExecutor(workers, initializer=worker_init, initargs=(0,)) as pool:
+        for future in as_completed([pool.submit(fn, job) for job in jobs]):
+            yield future.result()
+
+
+def prepare(anno, video_dir, root, geometry, workers=1):
+    """Decode every annotated video once, sequentially, `workers` videos in parallel, into a FrameStore
+    at `root`. A rerun (after a kill, or new downloads) does only the videos not yet stored.
+    -> (stored, failed, missing, frames, bytes) over the whole annotation file."""
+    root = Path(root)
+    if root.exists() and not (root / "store.json").exists() and (not root.is_dir() or any(root.iterdir())):
+        raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
+    root.mkdir(parents=True, exist_ok=True)
+    config = dict(geometry, quality=JPEG_QUALITY, clip_positions=CLIP_POSITIONS.tolist())
+    if (root / "store.json").exists():
+        if json.loads((root / "store.json").read_text()) != config:
+            raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
+                           "give another folder")
+    else:
+        _atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))
+        (root / "manifest.jsonl").touch()
+    videos, _ = read_annotations(anno)
+    done = FrameStore(root).ready()
+    files = video_files(video_dir)
+    todo = [videos[k] for k in sorted(videos) if k not in done]
+    jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
+    gone = [dict(id=v.id, frames=None, fps=None, duration=None, stored=0, bytes=0,
+                 error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
+    if done:
+        print(f"{len(done)} videos already in {root}; {len(jobs)} to decode")
+    decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None, dynamic_ncols=True)
+    with open(root / "manifest.jsonl", "a") as manifest:
+        manifest.writelines(json.dumps(record) + "\n" for record in gone)
+        for record in decoded:
+            manifest.write(json.dumps(record) + "\n")
+            manifest.flush()                         # each finished video survives a kill
+    records = FrameStore(root).records
+    final = [records[k] for k in videos if k in records]
+    missing = sum(r["error"] is not None and r["error"].startswith("missing") for r in final)
+    failed = sum(r["error"] is not None for r in final) - missing
+    return (sum(r["error"] is None for r in final), failed, missing, sum(r["stored"] for r in final),
+            sum(r["bytes"] for r in final))
 
 
 # ----------------------------------------------------------------------------- checks
@@ -377,16 +546,25 @@ class _Serial:
 
 
 # ----------------------------------------------------------------------------- datasets
-def _usable(videos, video_dir, classes=None):
-    """The datasets' fail-fast start: the cheap half of `check`, then each video's file. (lofi.py drops
-    videos without a file, with a record, before it builds a dataset.)"""
+def _usable(videos, source, classes=None):
+    """The datasets' fail-fast start: the cheap half of `check`, then each video's file (None for a
+    FrameStore: each must be in it). (lofi.py drops videos without frames, with a record, before it
+    builds a dataset.)"""
     videos = list(videos.values() if isinstance(videos, dict) else videos)
-    files = video_files(video_dir)                   # one listing of the folder for both
-    errors, _ = check(videos, video_dir, decode=False, classes=classes, files=files)
+    if isinstance(source, FrameStore):
+        gone = sorted({v.id for v in videos} - source.ready())
+        if gone:
+            raise BadInput(f"{len(gone)} videos are not in the store {source.root}: {', '.join(gone[:10])}")
+        errors, _ = check(videos, None, decode=False, classes=classes, files={v.id: None for v in videos})
+        paths = [None] * len(videos)
+    else:
+        files = video_files(source)                  # one listing of the folder for both
+        errors, _ = check(videos, source, decode=False, classes=classes, files=files)
+        paths = [files.get(v.id) for v in videos]
     if errors:
         raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
                        + "\n".join(errors[:20]))
-    return videos, [files[v.id] for v in videos]
+    return videos, paths
 
 
 def _atomic_save(path, write):
@@ -398,10 +576,6 @@ def _atomic_save(path, write):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)                  # a failed write leaves nothing behind
-
-
-def cache_size(cache_dir):
-    return sum(p.stat().st_size for ext in ("npy", "json") for p in Path(cache_dir).glob(f"*.{ext}"))
 
 
 def normalised_segments(video):
@@ -431,18 +605,14 @@ def replacing(read, n, index, name):
 class TALDataset(torch.utils.data.Dataset):
     """Item (index, Fidelity) -> dict(frames uint8 (L, F, 3, H, W), segments float32 (N, 2) in [0, 1]
     of the annotated duration, labels [str], id, duration, fidelity, replaced). A plain index means full
-    fidelity. A broken video is replaced by the next one that decodes, listed in `replaced` (see
-    `replacing`): the item is then entirely the other video's. With cache_dir, the first read of a video
-    decodes the union of the snippet frames of every L in cache_levels at full H x W into one .npy
-    (memory-mapped later); any fidelity is resized from it."""
+    fidelity. `source` is a folder of video files (decoded at full H x W, then resized) or a FrameStore
+    (JPEGs decoded straight to near the size asked for). A broken video is replaced by the next one that
+    decodes, listed in `replaced` (see `replacing`): the item is then entirely the other video's."""
 
-    def __init__(self, videos, video_dir, F, stride, cache_dir=None, cache_levels=None, full=Fidelity(100, 224, 224)):
-        self.videos, self.paths = _usable(videos, video_dir)
+    def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224)):
+        self.videos, self.paths = _usable(videos, source)
+        self.store = source if isinstance(source, FrameStore) else None
         self.F, self.stride, self.full = F, stride, full
-        self.cache_dir = Path(cache_dir) if cache_dir else None
-        self.levels = tuple(sorted(set(cache_levels or [c.L for c in [full, *c_lofi(full)]])))
-        if self.cache_dir:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
 
     def __len__(self):
         return len(self.videos)
@@ -450,37 +620,18 @@ class TALDataset(torch.utils.data.Dataset):
     def __getitem__(self, item):
         index, fid = item if isinstance(item, tuple) else (item, self.full)
         n = len(self.videos)
-        (index, frames), replaced = replacing(lambda i: (i, self._full_frames(i, fid.L)), n, index,
-                                              lambda i: self.videos[i % n].id)         # (L, F, 3, H0, W0)
+        (index, frames), replaced = replacing(lambda i: (i, self._frames(i, fid)), n, index,
+                                              lambda i: self.videos[i % n].id)         # (L, F, 3, H, W)
         v = self.videos[index]
-        return dict(frames=torch.from_numpy(resize_frames(frames, (fid.H, fid.W))),   # (L, F, 3, H, W)
-                    segments=normalised_segments(v),                                          # (N, 2)
+        return dict(frames=torch.from_numpy(frames), segments=normalised_segments(v),                # (N, 2)
                     labels=list(v.labels), id=v.id, duration=v.duration, fidelity=fid, replaced=replaced)
 
-    def _full_frames(self, index, L):
-        if self.cache_dir is None:
-            index_fn = lambda n, fps: snippet_indices(n, L, self.F, self.stride)
-            return read_video(self.paths[index], index_fn, (self.full.H, self.full.W))[0]
-        if L not in self.levels:
-            raise ValueError(f"L = {L} is not among the cached levels {self.levels}")
-        cached, n = self._cached(index)                                              # (K, 3, H0, W0)
-        pos = np.searchsorted(self._union(n), snippet_indices(n, L, self.F, self.stride))   # (L, F)
-        return np.asarray(np.take(cached, pos, axis=0))
-
-    def _union(self, n):
-        return np.unique(np.concatenate([snippet_indices(n, L, self.F, self.stride).ravel() for L in self.levels]))
-
-    def _cached(self, index):
-        v, stat = self.videos[index], self.paths[index].stat()
-        key = json.dumps([v.id, stat.st_size, stat.st_mtime_ns, self.F, self.stride, self.levels,
-                          self.full.H, self.full.W])
-        base = f"{v.id}-{hashlib.sha1(key.encode()).hexdigest()[:12]}"
-        npy, meta = self.cache_dir / f"{base}.npy", self.cache_dir / f"{base}.json"
-        if not npy.exists():
-            frames, n, _ = read_video(self.paths[index], lambda n, fps: self._union(n), (self.full.H, self.full.W))
-            _atomic_save(meta, lambda f: f.write(json.dumps(dict(num_frames=n, key=key)).encode()))
-            _atomic_save(npy, lambda f: np.save(f, frames))    # written last: its presence means complete
-        return np.load(npy, mmap_mode="r"), json.loads(meta.read_text())["num_frames"]
+    def _frames(self, index, fid):
+        index_fn = lambda n, fps: snippet_indices(n, fid.L, self.F, self.stride)
+        if self.store:
+            return self.store.read(self.videos[index].id, index_fn, (fid.H, fid.W))
+        frames = read_video(self.paths[index], index_fn, (self.full.H, self.full.W))[0]   # (L, F, 3, H0, W0)
+        return resize_frames(frames, (fid.H, fid.W))
 
 
 def collate(batch):
@@ -498,16 +649,17 @@ def collate(batch):
 
 class ClipDataset(torch.utils.data.Dataset):
     """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> (frames uint8
-    (F, 3, H, W), class index, replaced). Random position when training, drawn from (seed, epoch, index);
-    centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
+    (F, 3, H, W), class index, replaced). Random position when training, drawn from (seed, epoch, index)
+    (from a FrameStore: one of the CLIP_POSITIONS windows it holds); centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
 
     @staticmethod
     def collate(batch):                     # lofi.py's loader() takes a dataset's own collate
         frames, labels, replaced = zip(*batch)
         return torch.stack(frames), torch.tensor(labels), [r for rs in replaced for r in rs]
 
-    def __init__(self, videos, video_dir, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
-        self.videos, self.paths = _usable(videos, video_dir, classes)
+    def __init__(self, videos, source, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
+        self.videos, self.paths = _usable(videos, source, classes)
+        self.store = source if isinstance(source, FrameStore) else None
         self.augment = augment
         self.items = [(i, j) for i, v in enumerate(self.videos) for j in range(len(v.segments))]
         self.classes, self.F, self.stride, self.size = list(classes), F, stride, tuple(size)
@@ -527,12 +679,14 @@ class ClipDataset(torch.utils.data.Dataset):
     def _clip(self, k):
         i, j = self.items[k]
         v, (start, end) = self.videos[i], self.videos[i].segments[j]
-        u = np.random.default_rng([self.seed, self.epoch, k]).random() if self.train else 0.5
-
-        def index_fn(n, fps):
-            first = min(int(start * fps), n - 1)
-            return clip_indices(first, max(first + 1, min(n, math.ceil(end * fps))), u, self.F, self.stride)
-        frames = read_video(self.paths[i], index_fn, self.size, seek_first=True)[0]        # (F, 3, H, W)
+        rng = np.random.default_rng([self.seed, self.epoch, k])
+        # A store holds the windows at CLIP_POSITIONS only; raw files allow any position.
+        u = (rng.choice(CLIP_POSITIONS) if self.store else rng.random()) if self.train else 0.5
+        index_fn = lambda n, fps: clip_indices(*instance_frames((start, end), n, fps), u, self.F, self.stride)
+        if self.store:
+            frames = self.store.read(v.id, index_fn, self.size)                            # (F, 3, H, W)
+        else:
+            frames = read_video(self.paths[i], index_fn, self.size, seek_first=True)[0]
         if self.train and self.augment:
             frames = augment_clip(frames, np.random.default_rng([self.seed, self.epoch, k, 1]))
         return torch.from_numpy(frames), self.classes.index(v.labels[j])
@@ -699,7 +853,29 @@ def main(argv=None):
     p.add_argument("--deep", action="store_true", help="decode every frame and compare the count with the "
                    "container's (ActivityNet: ~22 h of decoding, split over --workers)")
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+    p = sub.add_parser("prepare", help="decode every video once into a frame store that every stage can read")
+    p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON (all subsets are stored)")
+    p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
+    p.add_argument("--store", required=True, help="the store folder (a rerun adds what is not yet in it)")
+    p.add_argument("--preset", default="paper", choices=GEOMETRY, help="the geometry to store (default paper)")
+    for key in ("snippets", "frames", "stride", "size"):
+        p.add_argument(f"--{key}", type=int, help=f"override the preset's {key}, as lofi.py --{key} does")
+    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     args = parser.parse_args(argv)
+    if args.command == "prepare":
+        geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}
+        if min(geometry.values()) < 1 or args.workers < 1:
+            parser.error(f"prepare: --workers and {geometry} must be positive integers")
+        if not Path(args.videos).is_dir():
+            parser.error(f"--videos {args.videos}: not a folder")
+        try:
+            stored, failed, missing, frames, size = prepare(args.anno, args.videos, args.store, geometry, args.workers)
+        except BadInput as e:
+            parser.error(str(e))
+        if failed + missing:
+            print(f"failed and missing videos, with the reasons: {Path(args.store) / 'manifest.jsonl'}")
+        print(f"prepared {stored} videos ({failed} failed, {missing} missing): {frames} frames, {size} bytes -> {args.store}")
+        return 0
     if args.command == "synth":
         if args.videos < 4 or args.seed < 0:
             parser.error("synth: --videos must be at least 4 (3:1 training:validation) and --seed non-negative")

@@ -55,11 +55,11 @@ import tsm
 # to the tiny preset: bf16 runs TSM-R18 1.4x (training) to 2.5x (inference) faster than fp32 on CPUs
 # with AVX512-BF16.
 PRESETS = {
-    "paper": dict(snippets=100, frames=8, stride=8, size=224, batch_size=16, workers="cores", amp=False,
+    "paper": dict(**data.GEOMETRY["paper"], batch_size=16, workers="cores", amp=False,
                   acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16, acp_workers="cores",
                   lofi_epochs=15, lofi_lr=0.1, lofi_optim="sgd", lofi_step=5, lofi_momentum=0.0,
                   head_epochs=10, head_lr=1e-3, head_step=5),
-    "tiny": dict(snippets=32, frames=4, stride=2, size=64, batch_size=4, workers=2, amp=False,
+    "tiny": dict(**data.GEOMETRY["tiny"], batch_size=4, workers=2, amp=False,
                  acp_epochs=60, acp_lr=1e-3, acp_optim="adam", acp_batch_size=16, acp_workers=0,
                  lofi_epochs=6, lofi_lr=1e-3, lofi_optim="adam", lofi_step=5, lofi_momentum=0.0,
                  head_epochs=20, head_lr=2e-3, head_step=15),
@@ -74,6 +74,7 @@ def get_args(argv=None):
                    "the synthetic set bash train.sh makes)")
     p.add_argument("--videos", help="folder with <id>.mp4 or v_<id>.mp4 (mkv, webm, avi) (default: the "
                    "'videos' folder beside --anno)")
+    p.add_argument("--store", help="a frame store from `python data.py prepare`, in place of --videos")
     p.add_argument("--features", help="head: folder of precomputed <id>.npy or v_<id>.npy (T, D) snippet "
                    "features, in place of an encoder and --videos")
     p.add_argument("--out", help="run folder: checkpoints, logs, features (default: runs/<stage>, and "
@@ -84,8 +85,6 @@ def get_args(argv=None):
     p.add_argument("--frames", type=int, help="frames per snippet F (paper: 8)")
     p.add_argument("--stride", type=int, help="frame stride inside a snippet (paper: 8, i.e. a 64-frame window)")
     p.add_argument("--size", type=int, help="full-fidelity frame side H = W (paper: 224)")
-    p.add_argument("--cache", help="frame cache folder, or 'none' (tiny: <out>/../cache; paper: none, it takes "
-                   "~200 MB a video at 224^2)")
     p.add_argument("--max-bad", type=float, default=0.1, help="stop when more than this fraction of a split's "
                    "videos are missing or fail to decode (a wrong folder, not a few dead downloads)")
     # model
@@ -134,8 +133,6 @@ def get_args(argv=None):
     preset = PRESETS[args.preset]
     if args.out is None:
         args.out = "runs/" + ("lofi_head" if args.stage == "head" else args.stage)
-    if args.cache is None:
-        args.cache = str(Path(args.out).parent / "cache") if args.preset == "tiny" else "none"
     if args.stage == "acp":          # clips are far smaller than videos; tiny ones decode faster in-process
         args.batch_size = preset["acp_batch_size"] if args.batch_size is None else args.batch_size
         args.workers = preset["acp_workers"] if args.workers is None else args.workers
@@ -192,8 +189,16 @@ def validate(p, args):
         data.read_annotations(args.anno)
     except data.BadInput as e:
         p.error(str(e))
+    if sum(map(bool, (args.features, args.store, args.videos))) > 1:
+        p.error("give one of --videos, --store and --features")
     if args.features:
         need(Path(args.features).is_dir(), "--features", "not a folder")
+    elif args.store:
+        try:
+            why = data.FrameStore(args.store).matches(args.snippets, args.frames, args.stride, args.size)
+        except data.BadInput as e:
+            p.error(str(e))
+        need(why is None, "--store", why)
     else:
         args.videos = args.videos or str(Path(args.anno).parent / "videos")
         need(Path(args.videos).is_dir(), "--videos", "not a folder (give the folder of the video files)")
@@ -393,13 +398,14 @@ def load_split(args, subset):
     if args.features:
         names = {p.stem for p in Path(args.features).glob("*.npy")}
         have = lambda vid: vid in names or f"v_{vid}" in names
+    elif args.store:                                 # (the store's manifest says why each is not there)
+        have = data.FrameStore(args.store).ready().__contains__
     else:
-        files = data.video_files(args.videos)
-        have = lambda vid: vid in files
+        have = data.video_files(args.videos).__contains__
     present = [videos[k] for k in sorted(videos) if have(k)]
     missing = sorted(k for k in videos if not have(k))
+    where = args.features or args.store or args.videos
     if missing:
-        where = args.features or args.videos
         if is_rank0():                               # (a resumed run has written them already)
             listed = Path(args.out) / "missing.txt"
             known = set(listed.read_text().splitlines()) if listed.exists() else set()
@@ -411,7 +417,7 @@ def load_split(args, subset):
             raise data.BadInput(f"{len(missing)} of {len(videos)} {subset} videos have no file in {where}, more than "
                                 f"--max-bad {args.max_bad:g} (wrong folder?); the first: {', '.join(missing[:5])}")
     if not present:
-        raise data.BadInput(f"no {subset} video of {args.anno} has a file in {args.features or args.videos}")
+        raise data.BadInput(f"no {subset} video of {args.anno} has a file in {where}")
     return present, missing
 
 
@@ -455,14 +461,13 @@ def fidelity_grid(args):
     return full, data.c_lofi(full)
 
 
+def source(args):
+    """Where frames come from: the frame store, else the video folder."""
+    return data.FrameStore(args.store) if args.store else args.videos
+
+
 def tal_dataset(args, videos):
-    full, lofis = fidelity_grid(args)
-    cache = None if args.cache == "none" else Path(args.cache)
-    # Every stage caches the frames of all four configurations at full resolution, so the one
-    # decoding pass of stage 2 also serves stage 3 and the baseline.
-    levels = sorted({f.L for f in [full, *lofis]})
-    return data.TALDataset(videos, args.videos, args.frames, args.stride, cache_dir=cache,
-                           cache_levels=levels, full=full)
+    return data.TALDataset(videos, source(args), args.frames, args.stride, full=fidelity_grid(args)[0])
 
 
 def batch_targets(segments, L, device):
@@ -524,8 +529,8 @@ def stage_acp(args, rank, world, device):
         BadVideos(args, "validation", len(val) + len(val_missing), val_missing)
     classes = data.class_names(train + val)
     size = (args.size, args.size)
-    ds = data.ClipDataset(train, args.videos, classes, args.frames, args.stride, size=size, train=True, seed=args.seed)
-    val_ds = data.ClipDataset(val, args.videos, classes, args.frames, args.stride, size=size, train=False, seed=args.seed)
+    ds = data.ClipDataset(train, source(args), classes, args.frames, args.stride, size=size, train=True, seed=args.seed)
+    val_ds = data.ClipDataset(val, source(args), classes, args.frames, args.stride, size=size, train=False, seed=args.seed)
     net = ClipNet(build_encoder(args), len(classes)).to(device, memory_format=torch.channels_last)
     model = DDP(net) if world > 1 else net
     if PRESETS[args.preset]["acp_optim"] == "adam":
@@ -633,6 +638,8 @@ def stage_lofi(args, rank, world, device):
     ds = tal_dataset(args, train)
     encoder = build_encoder(args)
     net = LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
+    if device.type == "cuda":    # NHWC convolutions for the tensor cores (on CPU kept as the README measured it)
+        encoder.to(memory_format=torch.channels_last)
     model = DDP(net) if world > 1 else net
     # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs.
     if PRESETS[args.preset]["lofi_optim"] == "adam":     # tiny: ~150 steps, where SGD barely moves the head
@@ -644,8 +651,8 @@ def stage_lofi(args, rank, world, device):
     start, skip, partial = resume_state(args, {"encoder": net.encoder, "head": net.head}, opt, sched, schedule)
     sampler = data.FidelityBatchSampler(len(ds), args.batch_size // world, configs, args.cycle, c_l=args.c_l,
                                         c_s=args.c_s, rank=rank, world_size=world, seed=args.seed)
-    # Workers persist across epochs (the sampler, not the dataset, carries the epoch): a cached epoch
-    # then costs what the DataLoader costs.
+    # Workers persist across epochs (the sampler, not the dataset, carries the epoch): their start-up
+    # (a copy of the dataset each) is paid once.
     batches = loader(ds, sampler, args, device, persistent=True)
 
     def save(epoch, step=0, partial=None):
@@ -757,7 +764,7 @@ def features_for(args, encoder, videos, rank, world, device, bad):
     weights = hashlib.sha1()
     for k, v in encoder.state_dict().items():
         weights.update(k.encode() + v.detach().cpu().contiguous().numpy().tobytes())
-    key = dict(encoder=weights.hexdigest(), amp=args.amp, snippets=args.snippets, frames=args.frames,
+    key = dict(encoder=weights.hexdigest(), amp=args.amp, source="store" if args.store else "videos", snippets=args.snippets, frames=args.frames,
                stride=args.stride, size=args.size, ids=sorted(v.id for v in videos))
     reuse = [False]
     if rank == 0:
@@ -968,7 +975,7 @@ def stage_head(args, rank, world, device):
         if lost:                                   # broken videos (log.jsonl says why): skipped
             print0(f"{len(lost)} video(s) without features (they failed to decode): {', '.join(lost)}")
         if not train or not val:
-            raise data.BadInput(f"no training or no validation video of {args.anno} decodes in {args.videos}")
+            raise data.BadInput(f"no training or no validation video of {args.anno} decodes in {args.store or args.videos}")
 
     if args.lr_search:
         args.lr, scores = search_lr(args, feats, train, classes, rank, world, device)

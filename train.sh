@@ -2,6 +2,7 @@
 # The whole LoFi pipeline of the paper (Fig. 1), one commented line a stage.
 #   bash train.sh                                    # synthetic videos, tiny preset, a CPU, minutes
 #   bash train.sh --anno A.json --videos DIR --out RUNS --preset paper --nproc 4 [--seed S]
+#   bash train.sh --anno A.json --store STORE ...    # frames from `python data.py prepare` (ActivityNet, HACS)
 #   bash train.sh ... --init PATH|imagenet   # skip stage 1: PATH (a Kinetics TSM, the paper's ACP) or
 #                                            # ImageNet weights (ICP) are the baseline's encoder
 #   bash train.sh --ablation [--seeds "0 1 2"] [--jobs 3]  # the paper's Tables 1-2 in miniature: stage 3 on every
@@ -11,12 +12,13 @@ set -euo pipefail
 here=$(pwd)
 cd "$(dirname "$0")"
 
-ANNO="" VIDEOS="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2" JOBS=1
+ANNO="" VIDEOS="" STORE="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2" JOBS=1
 die() { echo "train.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
     --anno) ANNO=${2:?--anno needs a file}; shift 2 ;;
     --videos) VIDEOS=${2:?--videos needs a folder}; shift 2 ;;
+    --store) STORE=${2:?--store needs a frame store folder}; shift 2 ;;
     --out) OUT=${2:?--out needs a folder}; shift 2 ;;
     --preset) PRESET=${2:?--preset needs tiny or paper}; shift 2 ;;
     --nproc) NPROC=${2:?--nproc needs a number}; shift 2 ;;
@@ -25,12 +27,12 @@ while [ $# -gt 0 ]; do
     --ablation) ABLATION=1; shift ;;
     --seeds) SEEDS=${2:?--seeds needs a list such as "0 1 2"}; shift 2 ;;
     --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
-    -h|--help) sed -n 2,9p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see bash train.sh --help)" ;;
   esac
 done
 abs() { case "$1" in ""|/*) echo "$1" ;; *) echo "$here/$1" ;; esac; }   # paths are the caller's
-ANNO=$(abs "$ANNO") VIDEOS=$(abs "$VIDEOS") OUT=$(abs "$OUT")
+ANNO=$(abs "$ANNO") VIDEOS=$(abs "$VIDEOS") STORE=$(abs "$STORE") OUT=$(abs "$OUT")
 if [ -n "$INIT" ] && [ "$INIT" != imagenet ]; then
   INIT=$(abs "$INIT")
   [ -f "$INIT" ] || die "encoder checkpoint '$INIT' not found (--init)"
@@ -41,10 +43,15 @@ case "$PRESET" in tiny|paper) ;; *) die "--preset must be tiny or paper, not '$P
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, not '$JOBS'"
 [[ "$SEEDS" =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be non-negative integers separated by spaces, not '$SEEDS'"
 USER_DATA=""
-if [ -n "$ANNO$VIDEOS" ]; then
+if [ -n "$ANNO$VIDEOS$STORE" ]; then
   USER_DATA=1
   [ -f "$ANNO" ] || die "annotation file '$ANNO' not found (--anno)"
-  [ -d "$VIDEOS" ] || die "video folder '$VIDEOS' not found (--videos)"
+  [ -z "$VIDEOS" ] || [ -z "$STORE" ] || die "give --videos or --store, not both"
+  if [ -n "$STORE" ]; then
+    [ -f "$STORE/store.json" ] || die "'$STORE' is not a frame store (--store; make one with python data.py prepare)"
+  else
+    [ -d "$VIDEOS" ] || die "video folder '$VIDEOS' not found (--videos)"
+  fi
 else
   SYNTH=data/synth$([ "$SEED" = 0 ] || echo "-seed$SEED")             # --seed S draws the videos too
   ANNO=$SYNTH/anno.json VIDEOS=$SYNTH/videos
@@ -59,7 +66,8 @@ run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the f
   echo "== stage $name"
   if [ "$NPROC" -gt 1 ]; then cmd=(torchrun --standalone --nproc_per_node="$NPROC" lofi.py); else cmd=(python lofi.py); fi
   # bf16 runs the tiny preset 1.4-2.5x faster on CPUs with AVX512-BF16 (README)
-  "${cmd[@]}" "$@" --preset "$PRESET" --anno "$ANNO" --videos "$VIDEOS" --seed "$SEED" $([ "$PRESET" = tiny ] && echo --amp) \
+  local src=(--videos "$VIDEOS"); [ -z "$STORE" ] || src=(--store "$STORE")
+  "${cmd[@]}" "$@" --preset "$PRESET" --anno "$ANNO" "${src[@]}" --seed "$SEED" $([ "$PRESET" = tiny ] && echo --amp) \
     || { echo "train.sh: stage '$name' failed" >&2; exit 1; }
   echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }

@@ -1,10 +1,13 @@
 """Tests for data.py: snippet indices against hand cases and an exact-fraction loop, decoding against
 a video whose frame k shows k in binary, fidelity sizes and schedules, the batch sampler across epochs
-and ranks, bad input, the synthetic dataset (check CLI + motion), and cache on/off parity."""
+and ranks, bad input, the synthetic dataset (check CLI + motion), and the frame store against a
+plain decode followed by the same JPEG round trip."""
 import json
 import pickle
+import shutil
 import subprocess
 import sys
+import time
 from fractions import Fraction
 from math import floor
 from pathlib import Path
@@ -340,23 +343,117 @@ def test_synth_actions_show_only_in_motion(synth_set):
 
 
 # ----------------------------------------------------------------------------- datasets
-def test_cache_on_and_off_give_identical_batches(synth_set, tmp_path, monkeypatch):
+def naive_frames(path, size):
+    """Every frame of a video by a plain read loop, fitted to H x W -> list of BGR (H, W, 3)."""
+    cap = cv2.VideoCapture(str(path))
+    frames = [data.fit_frame(f, size) for ok, f in iter(cap.read, (False, None))]
+    cap.release()
+    return frames
+
+
+def jpeg_round_trip(bgr, size):
+    """The store's promise, written out: JPEG at JPEG_QUALITY, decoded at the largest libjpeg reduction that
+    keeps H x W or more, then one INTER_AREA resize if the size still differs -> (3, H, W) RGB."""
+    blob = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
+    side = bgr.shape[0]
+    flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}[
+        4 if side // 4 >= size[0] else 2 if side // 2 >= size[0] else 1]
+    img = cv2.imdecode(blob, flag)
+    if img.shape[:2] != size:
+        img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
+    return img[:, :, ::-1].transpose(2, 0, 1)
+
+
+@pytest.fixture(scope="module")
+def store(synth_set, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store") / "s"
+    result = cli("prepare", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--store", root,
+                 "--preset", "tiny", "--workers", "2")
+    assert result.returncode == 0, result.stderr
+    return root, result.stdout
+
+
+def test_store_frames_equal_a_decode_and_the_same_jpeg_round_trip(synth_set, store):
+    root, said = store
     videos, _ = data.read_annotations(synth_set / "anno.json")
-    plain = data.TALDataset(videos, synth_set / "videos", 4, 2, full=TINY)
-    cached = data.TALDataset(videos, synth_set / "videos", 4, 2, cache_dir=tmp_path, full=TINY)
-    items = [(i, f) for i in range(len(plain)) for f in [TINY, *data.c_lofi(TINY)]]
-    first = [cached[it] for it in items]
-    for it, got in zip(items, first):
-        ref = plain[it]
-        assert got["frames"].shape == (it[1].L, 4, 3, it[1].H, it[1].W) and got["frames"].dtype == torch.uint8
-        assert torch.equal(got["frames"], ref["frames"]) and torch.equal(got["segments"], ref["segments"])
-        assert got["id"] == ref["id"] and got["fidelity"] == it[1]
-    assert len(list(tmp_path.glob("*.npy"))) == len(plain) and data.cache_size(tmp_path) > 0
-    # Second read, by a fresh dataset on the same folder: no decoding at all.
-    monkeypatch.setattr(data, "read_video", lambda *a: pytest.fail("decoded despite the cache"))
-    again = data.TALDataset(videos, synth_set / "videos", 4, 2, cache_dir=tmp_path, full=TINY)
-    for it, got in zip(items, first):
-        assert torch.equal(again[it]["frames"], got["frames"])
+    files = data.video_files(synth_set / "videos")
+    ds = data.TALDataset(videos, data.FrameStore(root), 4, 2, full=TINY)
+    assert said.strip().splitlines()[-1] == (f"prepared 6 videos (0 failed, 0 missing): {ds.store.config and sum(r['stored'] for r in ds.store.records.values())} frames, "
+                                             f"{sum((root / f'{v}.jpg').stat().st_size for v in videos)} bytes -> {root}")
+    for i, v in enumerate(ds.videos[:3]):
+        raw = naive_frames(files[v.id], (64, 64))
+        for fid in [TINY, *data.c_lofi(TINY)]:                            # 32x64^2, 32x32^2, 8x64^2, 16x46^2
+            got = ds[(i, fid)]["frames"].numpy()                                            # (L, F, 3, H, W)
+            idx = data.snippet_indices(len(raw), fid.L, 4, 2)
+            want = np.stack([[jpeg_round_trip(raw[t], (fid.H, fid.W)) for t in row] for row in idx])
+            assert got.shape == want.shape and np.array_equal(got, want), (v.id, fid)
+    # The record: frame count and fps as decoded; 0.15 of raw uint8 at 64^2 on these noisy frames.
+    r = ds.store.records[ds.videos[0].id]
+    assert r["frames"] == len(naive_frames(files[ds.videos[0].id], (8, 8))) and r["fps"] == 10 and r["error"] is None
+    assert r["bytes"] < 0.2 * r["stored"] * 64 * 64 * 3
+
+
+def test_store_clips_are_the_stored_windows(synth_set, store):
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    classes = data.class_names(videos)
+    files = data.video_files(synth_set / "videos")
+    kw = dict(classes=classes, F=4, stride=2, size=(64, 64), augment=False)
+    stored = data.ClipDataset(videos, data.FrameStore(store[0]), train=True, **kw)
+    raw = data.ClipDataset(videos, synth_set / "videos", train=True, **kw)
+    positions = set()
+    for k, (i, j) in enumerate(stored.items[:8]):
+        v = stored.videos[i]
+        frames = naive_frames(files[v.id], (64, 64))
+        u = np.random.default_rng([0, 0, k]).choice(data.CLIP_POSITIONS)          # the dataset's draw
+        positions.add(u)
+        idx = data.clip_indices(*data.instance_frames(v.segments[j], len(frames), 10), u, 4, 2)
+        want = np.stack([jpeg_round_trip(frames[t], (64, 64)) for t in idx])
+        assert np.array_equal(stored[k][0].numpy(), want), (v.id, j, u)
+    assert len(positions) > 1
+    assert raw[0][0].shape == stored[0][0].shape
+
+
+def test_prepare_resumes_after_a_kill(synth_set, store, tmp_path):
+    """SIGKILL a one-process prepare once two videos are in the manifest: the rerun decodes only the rest
+    and ends with the files and records of the uninterrupted store."""
+    root, _ = store
+    argv = [sys.executable, str(ROOT / "data.py"), "prepare", "--anno", str(synth_set / "anno.json"), "--videos",
+            str(synth_set / "videos"), "--store", str(tmp_path / "s"), "--preset", "tiny", "--workers", "1"]
+    run = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    manifest = tmp_path / "s" / "manifest.jsonl"
+    while run.poll() is None and not (manifest.exists() and len(manifest.read_text().splitlines()) >= 2):
+        time.sleep(0.005)
+    run.kill()
+    run.wait()
+    done = len(manifest.read_text().splitlines())
+    assert 2 <= done < 6, "prepare finished before the kill: make the set larger"
+    again = subprocess.run(argv, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"{done} videos already in" in again.stdout and f"; {6 - done} to decode" in again.stdout
+    one, two = data.FrameStore(root), data.FrameStore(tmp_path / "s")
+    assert one.records == two.records
+    for vid in one.records:
+        assert (root / f"{vid}.jpg").read_bytes() == (tmp_path / "s" / f"{vid}.jpg").read_bytes()
+        assert np.array_equal(np.load(root / f"{vid}.idx.npy"), np.load(tmp_path / "s" / f"{vid}.idx.npy"))
+    assert not list((tmp_path / "s").glob("*.tmp"))
+
+
+def test_store_refuses_other_settings_and_bad_frames(synth_set, store, tmp_path):
+    root, _ = store
+    result = cli("prepare", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--store", root,
+                 "--preset", "paper")
+    assert result.returncode == 2 and "prepared with other settings" in result.stderr, result.stderr
+    assert "not a frame store" in cli("prepare", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos",
+                                      "--store", synth_set / "anno.json").stderr
+    # A store file damaged after prepare: the video is a VideoError (replaced in training), named.
+    copy = tmp_path / "s"
+    shutil.copytree(root, copy)
+    videos, _ = data.read_annotations(synth_set / "anno.json")
+    vid = sorted(videos)[0]
+    (copy / f"{vid}.jpg").write_bytes(b"\0" * (copy / f"{vid}.jpg").stat().st_size)
+    ds = data.TALDataset([videos[vid]], data.FrameStore(copy), 4, 2, full=TINY)
+    with pytest.raises(data.VideoError, match=rf"{vid}.jpg: frame \d+ does not decode"):
+        ds._frames(0, TINY)
 
 
 def test_tal_items_and_two_worker_loader(synth_set):

@@ -114,7 +114,6 @@ def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
     net.train()
     lofi.set_bn_eval(net)
     train, _ = lofi.load_split(args, "training")
-    args.cache = "none"
     ds = lofi.tal_dataset(args, train)
     _, configs = lofi.fidelity_grid(args)
     for rank in (0, 1):
@@ -160,7 +159,7 @@ def test_flop_count_of_resnet18_matches_its_published_cost():
 
 
 def test_torchrun_one_process_equals_plain_python(synth, tmp_path):
-    argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "1", "--max-steps", "2", "--cache", "none"]
+    argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "1", "--max-steps", "2"]
     lofi.main([*argv, "--out", str(tmp_path / "plain")])
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1",
                           str(ROOT / "lofi.py"), *argv, "--out", str(tmp_path / "torchrun")],
@@ -178,7 +177,7 @@ def test_truncated_checkpoint_is_refused_by_name(synth, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
     (out / "last.pt").write_bytes(good.read_bytes()[:100])            # a write cut short
-    argv = ["--stage", "lofi", *SMALL, *synth, "--cache", "none", "--epochs", "1"]
+    argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "1"]
     pattern = r"last\.pt: not a readable PyTorch checkpoint"
     assert re.search(pattern, refused([*argv, "--out", str(out), "--resume"], capsys))
     assert re.search(pattern, refused([*argv, "--out", str(tmp_path / "other"), "--init", str(out / "last.pt")], capsys))
@@ -246,7 +245,7 @@ def dirty(tmp_path_factory):
 
 def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys):
     root, bad = dirty
-    argv = [*SMALL, "--anno", str(root / "anno.json"), "--videos", str(root / "videos"), "--cache", str(tmp_path / "cache")]
+    argv = [*SMALL, "--anno", str(root / "anno.json"), "--videos", str(root / "videos")]
     lofi.main(["--stage", "lofi", *argv, "--out", str(tmp_path / "lofi"), "--epochs", "2", "--max-bad", "0.3"])
     said = capsys.readouterr().out
     assert all(vid in said for vid in (bad["gone"], bad["cut"], bad["empty"])), said
@@ -334,8 +333,7 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, stage, np
     """--save-every 1; SIGKILL the run (torchrun and its ranks) once a mid-epoch checkpoint exists;
     --resume must end with the weights, optimizer state and logged losses of an uninterrupted run."""
     launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
-    argv = [*launch, str(ROOT / "lofi.py"), "--stage", stage, *SMALL, *synth, "--epochs", "2", "--save-every", "1",
-            "--cache", str(tmp_path / "cache")]
+    argv = [*launch, str(ROOT / "lofi.py"), "--stage", stage, *SMALL, *synth, "--epochs", "2", "--save-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run([*argv, "--out", str(tmp_path / "straight")], env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
