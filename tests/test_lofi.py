@@ -243,6 +243,54 @@ def dirty(tmp_path_factory):
     return root, dict(gone=gone, cut=cut, empty=empty, val_gone=val_gone)
 
 
+def prepare(root, store, *extra):
+    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", "--anno", str(root / "anno.json"),
+                          "--videos", str(root / "videos"), "--store", str(store), "--preset", "tiny",
+                          "--snippets", "12", "--frames", "2", "--stride", "2", "--size", "32", *extra],
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()[-1]
+
+
+def test_every_stage_trains_from_the_store_without_the_video_folder(tmp_path):
+    root = tmp_path / "synth"
+    data.synth(root, videos=8, seed=1)
+    prepare(root, tmp_path / "store", "--workers", "2")
+    (root / "videos").rename(root / "elsewhere")                     # from here on, no video file exists
+    argv = [*SMALL, "--anno", str(root / "anno.json"), "--store", str(tmp_path / "store")]
+    lofi.main(["--stage", "acp", *argv, "--out", str(tmp_path / "acp"), "--epochs", "1"])
+    lofi.main(["--stage", "lofi", *argv, "--out", str(tmp_path / "lofi"), "--epochs", "3", "--workers", "2",
+               "--init", str(tmp_path / "acp" / "last.pt")])
+    lofi.main(["--stage", "head", *argv, "--out", str(tmp_path / "head"), "--epochs", "2", "--bn-recal", "2",
+               "--init", str(tmp_path / "lofi" / "last.pt")])
+    acp = [json.loads(line) for line in open(tmp_path / "acp" / "log.jsonl")]
+    assert acp[-1]["stage"] == "acp" and np.isfinite(acp[-1]["loss"])
+    log = [json.loads(line) for line in open(tmp_path / "lofi" / "log.jsonl")]
+    assert [r["fidelity"] for r in log] == [["12x16x16"], ["3x32x32"], ["6x22x22"]]
+    metrics = json.load(open(tmp_path / "head" / "metrics.json"))
+    assert 0 <= metrics["average-mAP"] <= 1
+    assert json.load(open(tmp_path / "head" / "detections.json"))["results"]
+    feats = torch.load(tmp_path / "head" / "features.pt", weights_only=True)
+    assert len(feats["ids"]) == 8 and feats["key"]["source"] == "store"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()
+
+
+def test_prepare_records_dirty_videos_and_stages_skip_them_by_name(dirty, tmp_path, capsys):
+    root, bad = dirty
+    last = prepare(root, tmp_path / "store", "--workers", "2")
+    assert re.fullmatch(rf"prepared 12 videos \(2 failed, 2 missing\): \d+ frames, \d+ bytes -> {tmp_path / 'store'}", last)
+    records = data.FrameStore(tmp_path / "store").records
+    assert records[bad["gone"]]["error"].startswith("missing") and records[bad["val_gone"]]["error"].startswith("missing")
+    assert "stream ends at frame" in records[bad["cut"]]["error"] and "cannot open" in records[bad["empty"]]["error"]
+    argv = [*SMALL, "--anno", str(root / "anno.json"), "--store", str(tmp_path / "store"), "--max-bad", "0.4"]
+    lofi.main(["--stage", "lofi", *argv, "--out", str(tmp_path / "lofi"), "--epochs", "1"])
+    said = capsys.readouterr().out
+    assert all(bad[k] in said for k in ("gone", "cut", "empty")), said
+    listed = (tmp_path / "lofi" / "missing.txt").read_text().splitlines()
+    assert sorted(listed) == sorted(f"{bad[k]}\ttraining" for k in ("gone", "cut", "empty"))
+    assert "needs {'snippets': 16" in refused([*argv, "--stage", "lofi", "--snippets", "16"], capsys)   # another geometry
+
+
 def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys):
     root, bad = dirty
     argv = [*SMALL, "--anno", str(root / "anno.json"), "--videos", str(root / "videos")]
