@@ -212,20 +212,24 @@ def fit_frame(img, size):
     return img
 
 
-def read_frames(cap, wanted, size, pos=0):
+def read_frames(cap, wanted, size, pos=0, put=None):
     """Frames at sorted unique indices in one sequential pass; `pos` is the frame the next grab() decodes
     (after seek(), frame pos - 1 is grabbed and waiting): grab() skips, retrieve() converts only the
-    frames asked for. -> ((K, 3, H, W) RGB uint8, None), or (None, frames in the stream) if it ends first."""
-    out = np.empty((len(wanted), 3, size[0], size[1]), np.uint8)        # (K, 3, H, W)
+    frames asked for. -> ((K, 3, H, W) RGB uint8, None), or (None, frames in the stream) if it ends
+    first. put(j, frame (H, W, 3) BGR): take each frame as it comes instead (-> (None, None) at the end)."""
+    out = None if put else np.empty((len(wanted), 3, *size), np.uint8)                  # (K, 3, H, W)
     for j, t in enumerate(wanted):
         while pos <= t:
             if not cap.grab():
                 return None, pos
             pos += 1
-        ok, bgr = cap.retrieve()
+        ok, img = cap.retrieve()
         if not ok:
             return None, pos - 1
-        out[j] = fit_frame(bgr, size).transpose(2, 0, 1)[::-1]          # channels first, BGR -> RGB
+        if put:
+            put(j, fit_frame(img, size))
+        else:
+            out[j] = fit_frame(img, size).transpose(2, 0, 1)[::-1]      # channels first, BGR -> RGB
     return out, None
 
 
@@ -245,20 +249,23 @@ def seek(path, cap, fps, frame):
     return open_video(path)[0], 0
 
 
-def read_video(path, index_fn, size, seek_first=False):
+def read_video(path, index_fn, size, seek_first=False, put=None):
     """Decode the frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps).
     seek_first: jump to the first of them instead of decoding from frame 0 (a stage-1 clip late in a
-    long video). If the stream ends before the container's count n, the indices are recomputed from the
-    true count when the gap is within the duration tolerance (max(1 s, 2 %)); beyond it the video is an
-    error."""
+    long video). put: read_frames' sink (index_fn must then give sorted unique indices; frames None).
+    If the stream ends before the container's count n, the indices are recomputed from the true count
+    when the gap is within the duration tolerance (max(1 s, 2 %)), and read again; beyond it the video is
+    an error."""
     cap, n, fps = open_video(path)
     try:
         for attempt in range(2):
             idx = np.asarray(index_fn(n, fps))
             wanted, inverse = np.unique(idx, return_inverse=True)
             cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
-            frames, true_n = read_frames(cap, wanted, size, pos)
-            if frames is not None:
+            frames, true_n = read_frames(cap, wanted, size, pos, put)
+            if true_n is None:
+                if put:
+                    return None, n, fps
                 if np.array_equal(wanted, idx.ravel()):              # sorted, no repeats: no copy needed
                     return frames.reshape(*idx.shape, *frames.shape[1:]), n, fps
                 return np.take(frames, inverse.reshape(idx.shape), axis=0), n, fps
@@ -417,10 +424,13 @@ def _prepare_one(job):
     record = dict(id=video.id, frames=None, fps=None, duration=None, stored=0, bytes=0, error=None)
     try:
         side = geometry["size"]
-        frames, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side))
+        blobs = {}                                   # j -> JPEG; a second pass (stream shorter) overwrites
+
+        def put(j, frame):
+            blobs[j] = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+        _, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side), put=put)
         wanted = stored_frames(video, n, fps, geometry)
-        blobs = [cv2.imencode(".jpg", np.ascontiguousarray(f[::-1].transpose(1, 2, 0)),       # RGB -> BGR, HWC
-                              [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1] for f in frames]
+        blobs = [blobs[j] for j in range(len(wanted))]
     except VideoError as e:
         return dict(record, error=str(e))
     lengths = np.array([len(b) for b in blobs], np.int64)

@@ -199,6 +199,7 @@ def test_truncated_checkpoint_is_refused_by_name(synth, tmp_path, capsys):
     (["--max-bad", "2"], r"--max-bad 2.0: must be a fraction"),
     (["--momentum", "1"], r"--momentum 1.0: must be in \[0, 1\)"),
     (["--videos", "/nonexistent"], r"--videos /nonexistent: not a folder"),
+    (["--store", "/nonexistent"], r"give one of --videos, --store and --features"),
     (["--init", "/nonexistent.pt"], r"--init /nonexistent.pt: no such checkpoint file"),
     (["--cycle", "sometimes"], r"argument --cycle: invalid choice"),
 ])
@@ -289,6 +290,8 @@ def test_prepare_records_dirty_videos_and_stages_skip_them_by_name(dirty, tmp_pa
     listed = (tmp_path / "lofi" / "missing.txt").read_text().splitlines()
     assert sorted(listed) == sorted(f"{bad[k]}\ttraining" for k in ("gone", "cut", "empty"))
     assert "needs {'snippets': 16" in refused([*argv, "--stage", "lofi", "--snippets", "16"], capsys)   # another geometry
+    argv[argv.index("--store") + 1] = str(tmp_path / "nowhere")
+    assert "nowhere: not a frame store" in refused([*argv, "--stage", "lofi"], capsys)
 
 
 def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys):

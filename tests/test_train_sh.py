@@ -23,6 +23,10 @@ def test_bad_flags_are_refused(tmp_path):
     anno.write_text("{}")
     r = train_sh("--anno", str(anno), "--videos", str(tmp_path / "missing"))
     assert r.returncode == 2 and "video folder" in r.stderr
+    r = train_sh("--anno", str(anno), "--store", str(tmp_path))
+    assert r.returncode == 2 and "not a frame store" in r.stderr and str(tmp_path) in r.stderr
+    r = train_sh("--anno", str(anno), "--store", str(tmp_path), "--videos", str(tmp_path))
+    assert r.returncode == 2 and "not both" in r.stderr
 
 
 def test_init_names_a_checkpoint_or_imagenet(tmp_path):

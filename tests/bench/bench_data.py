@@ -1,6 +1,6 @@
-"""Benchmark for data.py (issue 5): training-loader throughput vs raw sequential OpenCV decoding of the
-same videos, and the speed-up of a cached epoch. Every figure comes from one run, measured side by side
-(interleaved repeats, median), so machine noise hits all rows alike.
+"""Benchmark for data.py (issues 5, 11): training-loader throughput vs raw sequential OpenCV decoding of
+the same videos, from the video files and from a frame store (`data.prepare`). Every figure comes from
+one run, measured side by side (interleaved repeats, median), so machine noise hits all rows alike.
 
     python tests/bench/bench_data.py [--videos 64] [--repeats 5] [--workers 2] [--batch 4]
 
@@ -99,33 +99,27 @@ def main():
     files = data.video_files(vdir)
     paths = [files[v.id] for v in vids]
     plain = data.TALDataset(vids, vdir, F, STRIDE, full=FULL)
-    rows = {k: [] for k in ["raw_default", "raw_1", "loader", "build", "flush", "cached", "cached_persistent",
-                            "clofi_cached", "floor", "items", "items_cached"]}
+    rows = {k: [] for k in ["raw_default", "raw_1", "loader", "prepare", "store", "clofi_store", "floor", "items",
+                            "items_store"]}
+    geometry = dict(snippets=FULL.L, frames=F, stride=STRIDE, size=FULL.H)
     for r in range(args.repeats):         # interleaved, so machine noise hits every row alike
         rows["raw_default"].append(raw_decode(paths, 0)[0])
         sec, total = raw_decode(paths, 1)
         rows["raw_1"].append(sec)
         sec, delivered = loader_epoch(plain, [FULL], r, args)
         rows["loader"].append(sec)
-        cache_dir = tmp / f"cache{r}"      # a fresh cache every repeat: epoch 1 builds it, epoch 2 reads it
-        cached = data.TALDataset(vids, vdir, F, STRIDE, cache_dir=cache_dir, full=FULL)
-        rows["build"].append(loader_epoch(cached, [FULL], 0, args)[0])
+        root = tmp / f"store{r}"           # a fresh store every repeat
         t = time.perf_counter()
-        os.sync()                          # writeback of the new cache, else it slows the next epoch
-        rows["flush"].append(time.perf_counter() - t)
-        rows["cached"].append(loader_epoch(cached, [FULL], 1, args)[0])
-        sampler = data.FidelityBatchSampler(len(cached), args.batch, [FULL], "long", drop_last=False)
-        keep = torch.utils.data.DataLoader(cached, batch_sampler=sampler, num_workers=args.workers,
-                                           collate_fn=data.collate, persistent_workers=True)
-        loader_epoch(cached, [FULL], 0, args, persistent=keep)             # starts the workers
-        rows["cached_persistent"].append(loader_epoch(cached, [FULL], 1, args, persistent=keep)[0])
-        del keep
-        rows["clofi_cached"].append(loader_epoch(cached, data.c_lofi(FULL), r, args, cycle="short")[0])
+        data.prepare(anno, vdir, root, geometry, workers=args.workers)
+        rows["prepare"].append(time.perf_counter() - t)
+        stored = data.TALDataset(vids, data.FrameStore(root), F, STRIDE, full=FULL)
+        rows["store"].append(loader_epoch(stored, [FULL], r, args)[0])
+        rows["clofi_store"].append(loader_epoch(stored, data.c_lofi(FULL), r, args, cycle="short")[0])
         rows["floor"].append(loader_epoch(Floor(len(vids)), [FULL], r, args)[0])
         rows["items"].append(items(plain))
-        rows["items_cached"].append(items(cached))
-        size = data.cache_size(cache_dir)
-        shutil.rmtree(cache_dir)
+        rows["items_store"].append(items(stored))
+        size = sum(p.stat().st_size for p in root.iterdir())
+        shutil.rmtree(root)
     med = {k: statistics.median(v) for k, v in rows.items()}
 
     print(f"{len(vids)} synthetic videos ({args.size} mp4v, {args.fps} fps), {total} frames (synth: {synth_s:.1f} s); "
@@ -136,29 +130,24 @@ def main():
     print("|---|---|---|---|---|---|")
     label = {"raw_default": "raw decoding, cv2 read() every frame, OpenCV default FFmpeg threads",
              "raw_1": "raw decoding, cv2 read() every frame, 1 FFmpeg thread",
-             "loader": "**loader, first pass, no cache** (2 workers)",
-             "build": "loader, first epoch with the cache (builds it; 2 workers)",
-             "cached": "**loader, second epoch with the cache** (2 workers)",
-             "cached_persistent": "loader, second epoch with the cache, persistent workers",
-             "clofi_cached": "loader, C-LoFi short cycle from the cache (S/T/ST, resized)",
+             "loader": "**loader from the video files** (2 workers)",
+             "prepare": f"data.prepare into a frame store ({args.workers} workers)",
+             "store": "**loader from the frame store** (2 workers)",
+             "clofi_store": "loader, C-LoFi short cycle from the store (S/T/ST)",
              "floor": "DataLoader floor: same tensors, made at no cost (2 workers)",
-             "items": "dataset alone, one process, no cache",
-             "items_cached": "dataset alone, one process, from the cache"}
+             "items": "dataset alone, one process, video files",
+             "items_store": "dataset alone, one process, frame store"}
     for k, name in label.items():
-        fps = f"{delivered / med[k]:.0f}" if k in ("loader", "build", "cached", "cached_persistent", "floor") else "-"
+        fps = f"{delivered / med[k]:.0f}" if k in ("loader", "store", "floor") else "-"
         print(f"| {name} | {med[k]:.3f} | {total / med[k]:.0f} | {fps} | {med['raw_default'] / med[k]:.2f}x "
               f"| {med['raw_1'] / med[k]:.2f}x |")
-    print(f"\nloader first pass vs raw decoding: {med['raw_default'] / med['loader']:.2f}x OpenCV defaults, "
+    print(f"\nloader from files vs raw decoding: {med['raw_default'] / med['loader']:.2f}x OpenCV defaults, "
           f"{med['raw_1'] / med['loader']:.2f}x one FFmpeg thread (target >= 0.8)")
-    print(f"second epoch with the cache: {med['build'] / med['cached']:.2f}x faster than the first (cache-building) "
-          f"epoch, {med['loader'] / med['cached']:.2f}x faster than an uncached pass "
-          f"(persistent workers {med['loader'] / med['cached_persistent']:.2f}x; dataset alone "
-          f"{med['items'] / med['items_cached']:.2f}x) (target >= 3); writing the cache to disk: {med['flush']:.3f} s more")
-    print(f"cache on disk: {size / 2**20:.1f} MiB for {len(vids)} videos (levels {cached.levels} at "
-          f"{FULL.H}x{FULL.W}); the synthetic videos: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB")
+    print(f"loader from the store: {med['loader'] / med['store']:.2f}x the loader from files (dataset alone "
+          f"{med['items'] / med['items_store']:.2f}x); the store on disk: {size / 2**20:.1f} MiB for {len(vids)} videos; "
+          f"the videos: {sum(p.stat().st_size for p in paths) / 2**20:.1f} MiB")
     for k, v in rows.items():
         print(f"  {k}: {[round(x, 3) for x in v]}")
-
 
 if __name__ == "__main__":
     main()
