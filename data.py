@@ -800,7 +800,7 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
     objects = (255 * pool.integers(0, 2, (looks, 4, 4, 3))).astype(np.uint8).repeat(P // 4, 1).repeat(P // 4, 2)
     for k in range(videos):
         rng = np.random.default_rng([seed, k])
-        n, cls = int(rng.integers(150, 301)), (k + seed) % len(SYNTH_CLASSES)
+        n, cls = int(rng.integers(150, 301)) * fps // 10, (k + seed) % len(SYNTH_CLASSES)   # 15-30 s
         background, thing = backgrounds[rng.integers(looks)], objects[rng.integers(looks)]   # (H, W, 3), (P, P, 3)
         lengths = (rng.uniform(0.1, 0.4, rng.integers(1, 4)) * n).astype(int)
         lengths = (lengths * min(1.0, 0.7 * n / lengths.sum())).astype(int)

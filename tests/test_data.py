@@ -318,6 +318,12 @@ def test_synth_is_a_function_of_the_seed(synth_set, tmp_path):
     assert json.loads((tmp_path / "same/anno.json").read_text())["database"] == first_two
 
 
+def test_synth_at_another_frame_rate_lasts_as_long(tmp_path):
+    videos, _ = data.read_annotations(data.synth(tmp_path, videos=4, seed=0, fps=30))
+    assert all(15 <= v.duration <= 30 for v in videos.values())
+    assert data.check(videos.values(), tmp_path / "videos") == ([], [])
+
+
 def test_synth_actions_show_only_in_motion(synth_set):
     anno = json.loads((synth_set / "anno.json").read_text())["database"]
     videos, _ = data.read_annotations(synth_set / "anno.json")

@@ -92,7 +92,11 @@ def main():
     args = p.parse_args()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)
-    tmp = Path(tempfile.mkdtemp(prefix="bench_store_"))
+    with tempfile.TemporaryDirectory(prefix="bench_store_") as tmp:
+        run(args, Path(tmp))
+
+
+def run(args, tmp):
     (tmp / "videos").mkdir()
     s = args.seconds
     database = {}
