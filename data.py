@@ -18,6 +18,7 @@ a lower fidelity then comes from libjpeg's reduced-size decoding plus one resize
 import argparse
 import json
 import math
+import multiprocessing
 import os
 import sys
 import uuid
@@ -33,6 +34,9 @@ from tqdm import tqdm
 EXTENSIONS = ("mp4", "mkv", "webm", "avi")
 TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
 SYNTH_CLASSES = ("circular", "horizontal", "vertical")
+# Decoding pools start fresh interpreters: a fork of a process whose OpenCV or torch threads hold a lock
+# (any caller that decoded or trained before) can hang in the child.
+SPAWN = multiprocessing.get_context("spawn")
 
 
 class BadInput(ValueError):
@@ -324,7 +328,7 @@ def read_snippets(path, full, F=8, stride=8):
 # Full-fidelity geometry of each preset (lofi.py's PRESETS take it from here): what `prepare` stores.
 GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
             "tiny": dict(snippets=32, frames=4, stride=2, size=64)}
-JPEG_QUALITY = 90          # 224^2: ~7x smaller than raw uint8, 34 dB PSNR (issue 11); README: size, feature cosine
+JPEG_QUALITY = 90   # 224^2: 0.05-0.14 of raw uint8 (content-dependent), feature cosine 0.999 (README)
 CLIP_POSITIONS = (np.arange(7) + 0.5) / 7   # stage-1 windows stored per instance (u of clip_indices); 0.5 is one
 REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
@@ -445,7 +449,7 @@ def _unordered(fn, jobs, workers):
     if workers == 1:
         yield from map(fn, jobs)
         return
-    with ProcessPoolExecutor(workers, initializer=worker_init, initargs=(0,)) as pool:
+    with ProcessPoolExecutor(workers, SPAWN, initializer=worker_init, initargs=(0,)) as pool:
         for future in as_completed([pool.submit(fn, job) for job in jobs]):
             yield future.result()
 
@@ -523,7 +527,7 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
         elif decode:
             probe.append(v)
     paths = [files[v.id] for v in probe]
-    with ProcessPoolExecutor(workers) if workers > 1 and len(paths) > 1 else _Serial() as pool:
+    with ProcessPoolExecutor(workers, SPAWN) if workers > 1 and len(paths) > 1 else _Serial() as pool:
         found = pool.map(_probe, paths, [deep] * len(paths), chunksize=max(1, len(paths) // (8 * workers)))
         for v, path, got in zip(probe, paths, found):
             if isinstance(got, str):
