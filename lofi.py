@@ -12,6 +12,7 @@ detect (one video).
 
   torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long   # after bash train.sh: its data and stage 1
   python lofi.py --stage lofi --preset paper --anno A.json --videos DIR --out runs/lofi --init runs/acp/last.pt
+  python lofi.py ... --store STORE                                  # frames from `python data.py prepare`
   python lofi.py --stage plan --preset tiny                         # needs no dataset
 `bash train.sh` runs the whole pipeline on a synthetic dataset on a 2-core CPU in minutes. Over three
 seeds (data and training) LoFi is ahead in every one: average mAP 53.7 +- 3.1 (baseline) vs 59.5 +- 4.7
