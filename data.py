@@ -328,8 +328,7 @@ def read_snippets(path, full, F=8, stride=8):
 # Full-fidelity geometry of each preset (lofi.py's PRESETS take it from here): what `prepare` stores.
 GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
             "tiny": dict(snippets=32, frames=4, stride=2, size=64)}
-JPEG_QUALITY = 90   # 224^2: 0.05-0.14 of raw uint8 (content-dependent), feature cosine 0.999 (README)
-CLIP_POSITIONS = (np.arange(7) + 0.5) / 7   # stage-1 windows stored per instance (u of clip_indices); 0.5 is one
+JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]   # (4:2:0 colour, as in the source videos; README: size, feature cosine)
 REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
@@ -341,10 +340,13 @@ def instance_frames(segment, n, fps):
 
 def stored_frames(video, n, fps, geometry):
     """The frames `prepare` keeps of a video of n frames -> sorted unique indices: every snippet frame at
-    each L of full, S, T and ST fidelity, and the stage-1 windows at CLIP_POSITIONS inside each instance."""
+    each L of full, S, T and ST fidelity, and what stage 1 can draw: in a training video every frame of
+    every instance (a clip may start anywhere in it, as from the files), elsewhere the centred window."""
     F, stride, full = geometry["frames"], geometry["stride"], Fidelity(geometry["snippets"], 1, 1)
     parts = [snippet_indices(n, L, F, stride).ravel() for L in {c.L for c in [full, *c_lofi(full)]}]
-    parts += [clip_indices(*instance_frames(s, n, fps), u, F, stride) for s in video.segments for u in CLIP_POSITIONS]
+    for s in video.segments:
+        first, end = instance_frames(s, n, fps)
+        parts.append(np.arange(first, end) if video.subset == "training" else clip_indices(first, end, 0.5, F, stride))
     return np.unique(np.concatenate(parts))
 
 
@@ -431,7 +433,7 @@ def _prepare_one(job):
         blobs = {}                                   # j -> JPEG; a second pass (stream shorter) overwrites
 
         def put(j, frame):
-            blobs[j] = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])[1]
+            blobs[j] = cv2.imencode(".jpg", frame, JPEG)[1]
         _, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side), put=put)
         wanted = stored_frames(video, n, fps, geometry)
         blobs = [blobs[j] for j in range(len(wanted))]
@@ -462,7 +464,7 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     if root.exists() and not (root / "store.json").exists() and (not root.is_dir() or any(root.iterdir())):
         raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
     root.mkdir(parents=True, exist_ok=True)
-    config = dict(geometry, quality=JPEG_QUALITY, clip_positions=CLIP_POSITIONS.tolist())
+    config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
     if (root / "store.json").exists():
         if json.loads((root / "store.json").read_text()) != config:
             raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
@@ -663,8 +665,8 @@ def collate(batch):
 
 class ClipDataset(torch.utils.data.Dataset):
     """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> (frames uint8
-    (F, 3, H, W), class index, replaced). Random position when training, drawn from (seed, epoch, index)
-    (from a FrameStore: one of the CLIP_POSITIONS windows it holds); centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
+    (F, 3, H, W), class index, replaced). Random position when training, drawn from (seed, epoch, index);
+    centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
 
     @staticmethod
     def collate(batch):                     # lofi.py's loader() takes a dataset's own collate
@@ -693,9 +695,7 @@ class ClipDataset(torch.utils.data.Dataset):
     def _clip(self, k):
         i, j = self.items[k]
         v, (start, end) = self.videos[i], self.videos[i].segments[j]
-        rng = np.random.default_rng([self.seed, self.epoch, k])
-        # A store holds the windows at CLIP_POSITIONS only; raw files allow any position.
-        u = (rng.choice(CLIP_POSITIONS) if self.store else rng.random()) if self.train else 0.5
+        u = np.random.default_rng([self.seed, self.epoch, k]).random() if self.train else 0.5
         index_fn = lambda n, fps: clip_indices(*instance_frames((start, end), n, fps), u, self.F, self.stride)
         if self.store:
             frames = self.store.read(v.id, index_fn, self.size)                            # (F, 3, H, W)
