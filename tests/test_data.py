@@ -359,14 +359,14 @@ def naive_frames(path, size):
 
 def jpeg_round_trip(bgr, size):
     """The store's promise, written out: JPEG at quality 90, decoded at the largest libjpeg reduction
-    that keeps H x W or more, then one INTER_AREA resize if the size still differs -> (3, H, W) RGB."""
+    that keeps H x W or more, then one bilinear resize if the size still differs -> (3, H, W) RGB."""
     blob = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 90])[1]
     side = bgr.shape[0]
     flag = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4}[
         4 if side // 4 >= size[0] else 2 if side // 2 >= size[0] else 1]
     img = cv2.imdecode(blob, flag)
     if img.shape[:2] != size:
-        img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_AREA)
+        img = cv2.resize(img, size[::-1], interpolation=cv2.INTER_LINEAR)
     return img[:, :, ::-1].transpose(2, 0, 1)
 
 
