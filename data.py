@@ -878,7 +878,7 @@ def main(argv=None):
     p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
     args = parser.parse_args(argv)
     if args.command == "prepare":
-        geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}
+        geometry = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in GEOMETRY[args.preset].items()}
         if min(geometry.values()) < 1 or args.workers < 1:
             parser.error(f"prepare: --workers and {geometry} must be positive integers")
         if not Path(args.videos).is_dir():
