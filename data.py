@@ -389,7 +389,8 @@ class FrameStore:
                 r = json.loads(line)
             except ValueError:                       # the last line of a killed prepare: that video is redone
                 continue
-            self.records[r["id"]] = r
+            if isinstance(r, dict) and {"id", "error"} <= r.keys():
+                self.records[r["id"]] = r
 
     def ready(self):
         """-> set of the ids whose frames are all stored."""
@@ -417,8 +418,11 @@ class FrameStore:
             for j, (_, offset, length) in enumerate(index[rows]):
                 f.seek(offset)
                 try:
-                    out[j] = decode_jpeg(f.read(length), (side, side), size)
-                except ValueError as e:               # (cv2.error is a subclass too)
+                    buf = f.read(length)
+                    if len(buf) != length:
+                        raise ValueError(f"the file ends {length - len(buf)} bytes early")
+                    out[j] = decode_jpeg(buf, (side, side), size)
+                except (ValueError, cv2.error) as e:
                     raise VideoError(f"{jpg}: frame {wanted[j]} does not decode ({e}); prepare it again") from None
         if np.array_equal(wanted, idx.ravel()):
             return out.reshape(*idx.shape, *out.shape[1:])
@@ -452,28 +456,33 @@ def _unordered(fn, jobs, workers):
     if workers == 1:
         yield from map(fn, jobs)
         return
-    with ProcessPoolExecutor(workers, SPAWN, initializer=worker_init, initargs=(0,)) as pool:
+    pool = ProcessPoolExecutor(workers, SPAWN, initializer=worker_init, initargs=(0,))
+    try:
         for future in as_completed([pool.submit(fn, job) for job in jobs]):
             yield future.result()
+    finally:           # an error (a full disk): stop now, not after decoding every other video for nothing
+        pool.shutdown(cancel_futures=True)
 
 
 def prepare(anno, video_dir, root, geometry, workers=1):
     """Decode every annotated video once, sequentially, `workers` videos in parallel, into a FrameStore
     at `root`. A rerun (after a kill, or new downloads) does only the videos not yet stored.
     -> (stored, failed, missing, frames, bytes) over the whole annotation file."""
-    root = Path(root)
-    if root.exists() and not (root / "store.json").exists() and (not root.is_dir() or any(root.iterdir())):
-        raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
-    root.mkdir(parents=True, exist_ok=True)
+    root, videos = Path(root), read_annotations(anno)[0]
     config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
     if (root / "store.json").exists():
-        if json.loads((root / "store.json").read_text()) != config:
+        if FrameStore(root).config != config:
             raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
                            "give another folder")
-    else:
-        _atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))
+    else:                # a new store; a folder holding only a manifest is one whose start was killed
+        if root.exists() and (not root.is_dir() or {p.name for p in root.iterdir()} - {"manifest.jsonl"}):
+            raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"--store {root}: cannot create it ({e.strerror})") from None
         (root / "manifest.jsonl").touch()
-    videos, _ = read_annotations(anno)
+        _atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
     done = FrameStore(root).ready()
     files = video_files(video_dir)
     todo = [videos[k] for k in sorted(videos) if k not in done]
@@ -483,10 +492,14 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     if done:
         print(f"{len(done)} videos already in {root}; {len(jobs)} to decode")
     decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None, dynamic_ncols=True)
-    with open(root / "manifest.jsonl", "a") as manifest:
-        manifest.writelines(json.dumps(record) + "\n" for record in gone)
+    with open(root / "manifest.jsonl", "a+b") as manifest:
+        if manifest.seek(0, os.SEEK_END):
+            manifest.seek(-1, os.SEEK_END)
+            if manifest.read(1) != b"\n":
+                manifest.write(b"\n")               # a line cut by a kill stays alone (and is ignored)
+        manifest.writelines((json.dumps(record) + "\n").encode() for record in gone)
         for record in decoded:
-            manifest.write(json.dumps(record) + "\n")
+            manifest.write((json.dumps(record) + "\n").encode())
             manifest.flush()                         # each finished video survives a kill
     records = FrameStore(root).records
     final = [records[k] for k in videos if k in records]
@@ -885,7 +898,7 @@ def main(argv=None):
             parser.error(f"--videos {args.videos}: not a folder")
         try:
             stored, failed, missing, frames, size = prepare(args.anno, args.videos, args.store, geometry, args.workers)
-        except BadInput as e:
+        except (BadInput, OSError) as e:             # OSError: a full disk, a store folder gone read-only
             parser.error(str(e))
         if failed + missing:
             print(f"failed and missing videos, with the reasons: {Path(args.store) / 'manifest.jsonl'}")

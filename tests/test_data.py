@@ -466,6 +466,31 @@ def test_store_refuses_other_settings_and_bad_frames(synth_set, store, tmp_path)
     ds = data.TALDataset([videos[vid]], data.FrameStore(copy), 4, 2, full=TINY)
     with pytest.raises(data.VideoError, match=rf"{vid}.jpg: frame \d+ does not decode"):
         ds._frames(0, TINY)
+    (copy / f"{vid}.jpg").write_bytes(b"")                                # cut to nothing: no cv2.error escapes
+    with pytest.raises(data.VideoError, match=rf"{vid}.jpg: frame \d+ does not decode \(the file ends"):
+        ds._frames(0, TINY)
+    # A store path under a file, a damaged store.json: one line, exit code 2.
+    for store_arg in (synth_set / "anno.json" / "x", copy):
+        if store_arg == copy:
+            (copy / "store.json").write_text("{")
+        result = cli("prepare", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--store", store_arg,
+                     "--preset", "tiny")
+        assert result.returncode == 2 and len(result.stderr.splitlines()) == 1, result.stderr
+        assert str(store_arg) in result.stderr
+
+
+def test_a_manifest_line_cut_by_a_kill_costs_one_video_again(synth_set, store, tmp_path):
+    root, said = store
+    copy = tmp_path / "s"
+    shutil.copytree(root, copy)
+    lines = (copy / "manifest.jsonl").read_text().splitlines()
+    cut = json.loads(lines[-1])["id"]
+    (copy / "manifest.jsonl").write_text("\n".join(lines[:-1]) + "\n" + lines[-1][:20])   # killed mid-write
+    again = cli("prepare", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--store", copy,
+                "--preset", "tiny", "--workers", "1")
+    assert again.returncode == 0 and "; 1 to decode" in again.stdout, again.stdout + again.stderr
+    assert again.stdout.splitlines()[-1].startswith("prepared 6 videos (0 failed, 0 missing)")
+    assert data.FrameStore(copy).records == data.FrameStore(root).records and cut in data.FrameStore(copy).ready()
 
 
 def test_tal_items_and_two_worker_loader(synth_set):
