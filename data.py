@@ -253,6 +253,14 @@ def seek(path, cap, fps, frame):
     return open_video(path)[0], 0
 
 
+def at_indices(frames, idx, wanted, inverse):
+    """Frames (K, ...) of the sorted unique indices `wanted` = np.unique(idx) -> (*idx.shape, ...): a
+    reshape (no copy) when idx has no repeats and is sorted, else one gather."""
+    if np.array_equal(wanted, idx.ravel()):
+        return frames.reshape(*idx.shape, *frames.shape[1:])
+    return np.take(frames, inverse.reshape(idx.shape), axis=0)
+
+
 def read_video(path, index_fn, size, seek_first=False, put=None):
     """Decode the frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps).
     seek_first: jump to the first of them instead of decoding from frame 0 (a stage-1 clip late in a
@@ -268,11 +276,7 @@ def read_video(path, index_fn, size, seek_first=False, put=None):
             cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
             frames, true_n = read_frames(cap, wanted, size, pos, put)
             if true_n is None:
-                if put:
-                    return None, n, fps
-                if np.array_equal(wanted, idx.ravel()):              # sorted, no repeats: no copy needed
-                    return frames.reshape(*idx.shape, *frames.shape[1:]), n, fps
-                return np.take(frames, inverse.reshape(idx.shape), axis=0), n, fps
+                return (None if put else at_indices(frames, idx, wanted, inverse)), n, fps
             if true_n == 0:
                 raise VideoError(f"{path}: no frame decodes")
             if attempt or _mismatch(true_n / fps, n / fps):
@@ -424,15 +428,18 @@ class FrameStore:
                     out[j] = decode_jpeg(buf, (side, side), size)
                 except (ValueError, cv2.error) as e:
                     raise VideoError(f"{jpg}: frame {wanted[j]} does not decode ({e}); prepare it again") from None
-        if np.array_equal(wanted, idx.ravel()):
-            return out.reshape(*idx.shape, *out.shape[1:])
-        return out[inverse.reshape(idx.shape)]
+        return at_indices(out, idx, wanted, inverse)
+
+
+def _record(vid, error=None):
+    """A video's manifest line, before (or without) its frames."""
+    return dict(id=vid, frames=None, fps=None, duration=None, stored=0, bytes=0, error=error)
 
 
 def _prepare_one(job):
     """One video into the store (in a worker process) -> its manifest record."""
     video, path, root, geometry = job
-    record = dict(id=video.id, frames=None, fps=None, duration=None, stored=0, bytes=0, error=None)
+    record = _record(video.id)
     try:
         side = geometry["size"]
         blobs = {}                                   # j -> JPEG; a second pass (stream shorter) overwrites
@@ -487,8 +494,7 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     files = video_files(video_dir)
     todo = [videos[k] for k in sorted(videos) if k not in done]
     jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
-    gone = [dict(id=v.id, frames=None, fps=None, duration=None, stored=0, bytes=0,
-                 error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
+    gone = [_record(v.id, error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
     if done:
         print(f"{len(done)} videos already in {root}; {len(jobs)} to decode")
     decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None, dynamic_ncols=True)
@@ -510,15 +516,16 @@ def prepare(anno, video_dir, root, geometry, workers=1):
 
 
 # ----------------------------------------------------------------------------- checks
-def _probe(path, deep):
-    """-> (frames decoded, frames the container states, fps), or the reason the file is unusable.
-    grab() decodes: deep counts every frame, otherwise only the first one."""
+def _probe(job):
+    """(path, deep) -> (path, (frames decoded, frames the container states, fps) or the reason the file
+    is unusable). grab() decodes: deep counts every frame, otherwise only the first one."""
+    path, deep = job
     try:
         cap, n, fps = open_video(path)
     except VideoError as e:
-        return str(e)
+        return path, str(e)
     try:
-        return (sum(1 for _ in iter(cap.grab, False)) if deep else int(cap.grab())), n, fps
+        return path, ((sum(1 for _ in iter(cap.grab, False)) if deep else int(cap.grab())), n, fps)
     finally:
         cap.release()
 
@@ -542,37 +549,23 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
             errors.append(f"{v.id}: no video file <id> or v_<id> .{'/.'.join(EXTENSIONS)} in {video_dir}")
         elif decode:
             probe.append(v)
-    paths = [files[v.id] for v in probe]
-    with ProcessPoolExecutor(workers, SPAWN) if workers > 1 and len(paths) > 1 else _Serial() as pool:
-        found = pool.map(_probe, paths, [deep] * len(paths), chunksize=max(1, len(paths) // (8 * workers)))
-        for v, path, got in zip(probe, paths, found):
-            if isinstance(got, str):
-                errors.append(f"{v.id}: {got}")
-                continue
-            decoded, n, fps = got
-            if decoded == 0:
-                errors.append(f"{v.id}: {path}: no frame decodes (the container states {n})")
-                continue
-            if deep and decoded != n:
-                (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
-                    f"{v.id}: {path}: {decoded} frames decode, the container states {n}")
-            n = decoded if deep else n
-            if _mismatch(n / fps, v.duration):
-                errors.append(f"{v.id}: {path}: lasts {n / fps:.2f} s, annotated {v.duration:.2f} s")
+    found = dict(_unordered(_probe, [(files[v.id], deep) for v in probe], workers if len(probe) > 1 else 1))
+    for v in probe:                                  # (in the annotation's order, whatever the workers did)
+        path, got = files[v.id], found[files[v.id]]
+        if isinstance(got, str):
+            errors.append(f"{v.id}: {got}")
+            continue
+        decoded, n, fps = got
+        if decoded == 0:
+            errors.append(f"{v.id}: {path}: no frame decodes (the container states {n})")
+            continue
+        if deep and decoded != n:
+            (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
+                f"{v.id}: {path}: {decoded} frames decode, the container states {n}")
+        n = decoded if deep else n
+        if _mismatch(n / fps, v.duration):
+            errors.append(f"{v.id}: {path}: lasts {n / fps:.2f} s, annotated {v.duration:.2f} s")
     return errors, warnings
-
-
-class _Serial:
-    """ProcessPoolExecutor's map in this process (one worker, or one file)."""
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def map(self, fn, *iterables, chunksize=1):
-        return map(fn, *iterables)
 
 
 # ----------------------------------------------------------------------------- datasets

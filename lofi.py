@@ -23,6 +23,7 @@ are skipped and videos that fail to decode are replaced, both with a record (REA
 """
 import argparse
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -196,7 +197,7 @@ def validate(p, args):
         need(Path(args.features).is_dir(), "--features", "not a folder")
     elif args.store:
         try:
-            why = data.FrameStore(args.store).matches(args.snippets, args.frames, args.stride, args.size)
+            why = frame_store(args.store).matches(args.snippets, args.frames, args.stride, args.size)
         except data.BadInput as e:
             p.error(str(e))
         need(why is None, "--store", why)
@@ -400,7 +401,7 @@ def load_split(args, subset):
         names = {p.stem for p in Path(args.features).glob("*.npy")}
         have = lambda vid: vid in names or f"v_{vid}" in names
     elif args.store:                                 # (the store's manifest says why each is not there)
-        have = data.FrameStore(args.store).ready().__contains__
+        have = frame_store(args.store).ready().__contains__
     else:
         have = data.video_files(args.videos).__contains__
     present = [videos[k] for k in sorted(videos) if have(k)]
@@ -462,9 +463,16 @@ def fidelity_grid(args):
     return full, data.c_lofi(full)
 
 
+@functools.lru_cache(maxsize=None)
+def frame_store(path):
+    """The store at `path`, its manifest read once a run (38k lines for HACS): every split and dataset
+    then sees the same videos, even while a `prepare` adds more."""
+    return data.FrameStore(path)
+
+
 def source(args):
     """Where frames come from: the frame store, else the video folder."""
-    return data.FrameStore(args.store) if args.store else args.videos
+    return frame_store(args.store) if args.store else args.videos
 
 
 def tal_dataset(args, videos):
