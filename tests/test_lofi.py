@@ -329,16 +329,19 @@ rank, phase = dist.get_rank(), sys.argv[2]
 torch.manual_seed(0)
 net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
 model = torch.nn.parallel.DistributedDataParallel(net)    # its forward broadcasts the BatchNorm buffers
-for step in range(50):                                    # a training step as lofi.py writes it
-    with lofi.shared_failure(f"step {step}, loading"):
-        if rank == 1 and step == 3 and phase == "loading":
-            raise RuntimeError("the disk of rank 1 is on fire")
-        x = torch.randn(8, 4)
-    with lofi.shared_failure(f"step {step}"):
-        loss = model(x).sum() * (float("nan") if rank == 1 and step == 3 else 1.0)
-        if not torch.isfinite(loss):
-            raise FloatingPointError("non-finite loss")
-    loss.backward()                                       # DDP's all_reduce: a lone healthy rank waits here
+try:                                                      # and it ends as lofi.run does
+    for step in range(50):                                # a training step as lofi.py writes it
+        with lofi.shared_failure(f"step {step}, loading"):
+            if rank == 1 and step == 3 and phase == "loading":
+                raise RuntimeError("the disk of rank 1 is on fire")
+            x = torch.randn(8, 4)
+        with lofi.shared_failure(f"step {step}"):
+            loss = model(x).sum() * (float("nan") if rank == 1 and step == 3 else 1.0)
+            if not torch.isfinite(loss):
+                raise FloatingPointError("non-finite loss")
+        loss.backward()                                   # DDP's all_reduce: a lone healthy rank waits here
+finally:
+    lofi.compute_cleanup()
 """
 
 
