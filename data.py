@@ -50,6 +50,26 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _checked(parse, ok, what):
+    def check(text):
+        try:
+            value = parse(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"{text}: must be {what}")
+        return value
+    check.__name__ = what.replace(" ", "_")             # (argparse names the type in some messages)
+    return check
+
+
+# argparse `type=` checks for lofi.py's and data.py's flags: `argument --workers: 0: must be ...`, exit 2.
+positive_int = _checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+
+
 # ----------------------------------------------------------------------------- fidelity (Sec. 3.2)
 @dataclass(frozen=True)
 class Fidelity:
@@ -658,27 +678,25 @@ class TALDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """TALDataset items -> dict(frames uint8 (B, L, F, 3, H, W), segments [tensor (N, 2)], labels,
-    ids, durations float64 (B,), fidelity, replaced [dict]). Every item of a batch must share one fidelity."""
+    """Items of either dataset -> one dict. TALDataset: frames uint8 (B, L, F, 3, H, W), segments
+    [tensor (N, 2)], labels, ids, durations float64 (B,), fidelity (one for the batch), replaced [dict].
+    ClipDataset: frames (B, F, 3, H, W), labels int64 (B,), ids, replaced."""
+    # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
+    out = dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]), ids=[b["id"] for b in batch],
+               replaced=[r for b in batch for r in b["replaced"]])
+    if "label" in batch[0]:                                                              # clips
+        return dict(out, labels=torch.tensor([b["label"] for b in batch]))
     fids = {b["fidelity"] for b in batch}
     if len(fids) != 1:
         raise ValueError(f"a batch mixes fidelities {sorted(map(str, fids))}")
-    # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
-    return dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]),   # (B, L, F, 3, H, W)
-                segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch],
-                ids=[b["id"] for b in batch], fidelity=fids.pop(), replaced=[r for b in batch for r in b["replaced"]],
-                durations=torch.tensor([b["duration"] for b in batch], dtype=torch.float64))   # (B,)
+    return dict(out, segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch],
+                fidelity=fids.pop(), durations=torch.tensor([b["duration"] for b in batch], dtype=torch.float64))
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> (frames uint8
-    (F, 3, H, W), class index, replaced). Random position when training, drawn from (seed, epoch, index);
+    """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> dict(frames uint8
+    (F, 3, H, W), label (class index), id, replaced). Random position when training, drawn from (seed, epoch, index);
     centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
-
-    @staticmethod
-    def collate(batch):                     # lofi.py's loader() takes a dataset's own collate
-        frames, labels, replaced = zip(*batch)
-        return torch.stack(frames), torch.tensor(labels), [r for rs in replaced for r in rs]
 
     def __init__(self, videos, source, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
         self.videos, self.paths = _usable(videos, source, classes)
@@ -696,8 +714,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, k):
         n = len(self.items)
-        (frames, label), replaced = replacing(self._clip, n, k, lambda q: self.videos[self.items[q % n][0]].id)
-        return frames, label, replaced
+        (q, frames, label), replaced = replacing(self._clip, n, k, lambda q: self.videos[self.items[q % n][0]].id)
+        return dict(frames=frames, label=label, id=self.videos[self.items[q][0]].id, replaced=replaced)
 
     def _clip(self, k):
         i, j = self.items[k]
@@ -710,7 +728,7 @@ class ClipDataset(torch.utils.data.Dataset):
             frames = read_video(self.paths[i], index_fn, self.size, seek_first=True)[0]
         if self.train and self.augment:
             frames = augment_clip(frames, np.random.default_rng([self.seed, self.epoch, k, 1]))
-        return torch.from_numpy(frames), self.classes.index(v.labels[j])
+        return k, torch.from_numpy(frames), self.classes.index(v.labels[j])
 
 
 def augment_clip(frames, rng):
@@ -732,40 +750,50 @@ def augment_clip(frames, rng):
     return np.clip(out, 0, 255).astype(np.uint8).transpose(0, 3, 1, 2)                       # (F, 3, H, W)
 
 
-class FidelityBatchSampler:
-    """Batches of (index, Fidelity), one fidelity per batch. All ranks draw the same permutation
-    (seed + epoch); step s's global batch is items [s G, (s + 1) G), G = batch_size_per_rank * world_size,
-    and rank r takes its r-th slice. Without drop_last the order is padded by repeating from its start
-    (like DistributedSampler) so every rank runs the same number of steps: de-duplicate by video id."""
+class Batches:
+    """The one batch sampler: training, scoring, extraction, BatchNorm re-estimation, split over ranks.
 
-    def __init__(self, num_items, batch_size_per_rank, configs, cycle="long", c_l=1, c_s=16,
-                 rank=0, world_size=1, seed=0, shuffle=True, drop_last=True):
-        self.n, self.B, self.configs, self.cycle = num_items, batch_size_per_rank, list(configs), cycle
-        self.c_l, self.c_s, self.rank, self.world, self.seed = c_l, c_s, rank, world_size, seed
-        self.shuffle, self.epoch, self.start_step = shuffle, 0, 0
-        G = batch_size_per_rank * world_size
-        self.steps = num_items // G if drop_last else -(-num_items // G)
-        if self.steps == 0:
-            raise BadInput(f"{num_items} videos cannot fill one batch of {world_size} x {batch_size_per_rank} "
+    train: every rank draws the same permutation (seed + epoch); step s's global batch is items
+    [s G, (s + 1) G), G = per_rank * world, and rank r takes its r-th slice; the last incomplete batch
+    is dropped, so every rank runs the same steps. Otherwise: in order, rank r takes items r, r + world,
+    ..., in batches of per_rank (no padding: ranks may differ by a batch). With `configs`, each item is
+    (index, Fidelity), one C-LoFi configuration per batch (fidelity_at); else a plain index."""
+
+    def __init__(self, n, per_rank, rank=0, world=1, seed=0, train=True, configs=None, cycle="long", c_l=1, c_s=16):
+        self.n, self.B, self.rank, self.world, self.seed, self.train = n, per_rank, rank, world, seed, train
+        self.configs, self.cycle, self.c_l, self.c_s = list(configs or []), cycle, c_l, c_s
+        self.epoch, self.start_step = 0, 0
+        self.steps = n // (per_rank * world) if train else -(-len(range(rank, n, world)) // per_rank)
+        if train and self.steps == 0:
+            raise BadInput(f"{n} videos cannot fill one batch of {world} x {per_rank} "
                            "(--batch-size is global: lower it)")
-        fidelity_at(self.configs, cycle, 0, 0, c_l, c_s)        # fail now on a bad cycle name
+        if self.configs:
+            fidelity_at(self.configs, cycle, 0, 0, c_l, c_s)         # fail now on a bad cycle name
 
     def set_epoch(self, epoch, start_step=0):
         """start_step: skip the epoch's first steps (a run resumed from a mid-epoch checkpoint)."""
         self.epoch, self.start_step = epoch, start_step
 
+    def config_at(self, epoch, step):
+        """The configuration of a step; the short cycle counts batches from the start of training."""
+        if self.configs:
+            return fidelity_at(self.configs, self.cycle, epoch, epoch * self.steps + step, self.c_l, self.c_s)
+
     def __len__(self):
         return self.steps - self.start_step
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.n, generator=g).tolist() if self.shuffle else list(range(self.n))
-        G = self.B * self.world
-        order = (order * -(-self.steps * G // self.n))[:self.steps * G]
-        for s in range(self.start_step, self.steps):
-            fid = fidelity_at(self.configs, self.cycle, self.epoch, self.epoch * self.steps + s, self.c_l, self.c_s)
-            start = s * G + self.rank * self.B
-            yield [(i, fid) for i in order[start:start + self.B]]
+        if self.train:
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
+            G = self.B * self.world
+            batches = (order[s * G + self.rank * self.B:s * G + (self.rank + 1) * self.B] for s in range(self.steps))
+        else:
+            mine = list(range(self.rank, self.n, self.world))
+            batches = (mine[s * self.B:(s + 1) * self.B] for s in range(self.steps))
+        for s, batch in enumerate(batches):
+            if s >= self.start_step:
+                fid = self.config_at(self.epoch, s)
+                yield [(i, fid) for i in batch] if fid else batch
 
 
 # ----------------------------------------------------------------------------- synthetic dataset

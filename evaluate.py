@@ -378,6 +378,39 @@ def proposal_recall(gt, pred, subset="validation"):
             "AR@100": float(ar[99]), "AUC": float(100.0 * auc / an[-1])}
 
 
+def run_metrics(gt, pred, out, subset="validation"):
+    """mAP at every tIoU threshold and their average, as a dict, also written as JSON to `out`. No
+    detection at all (a head that scores everything 0) is an average mAP of 0, not bad input."""
+    results = json.loads(Path(pred).read_text())["results"]
+    if any(results.values()):
+        per_tiou, average = detection_map(gt, pred, subset=subset)
+    else:
+        print("warning: no detections for any video", flush=True)
+        per_tiou, average = np.zeros(len(THRESHOLDS)), 0.0
+    metrics = {f"mAP@{t:.2f}": float(m) for t, m in zip(THRESHOLDS, per_tiou)}
+    metrics["average-mAP"] = float(average)
+    Path(out).write_text(json.dumps(metrics, indent=1))
+    return metrics
+
+
+def draw_timeline(path, duration, truth, dets, width=1000, row=26):
+    """A picture of one video: ground truth (green) above the top detections (blue, shade = score), on
+    one time axis. truth: [{label, segment}], dets: [{label, score, segment}] in seconds."""
+    import cv2                                       # (only the picture needs OpenCV)
+    rows = [("GT " + t["label"], t["segment"], 1.0, (60, 170, 60)) for t in truth] + \
+           [(f"{d['label']} {d['score']:.2f}", d["segment"], d["score"], (200, 110, 40)) for d in dets]
+    img = np.full((row * (len(rows) + 1) + 10, width, 3), 255, np.uint8)                # (H, W, 3) BGR
+    x = lambda t: int(10 + (width - 20) * min(max(t / max(duration, 1e-6), 0.0), 1.0))
+    cv2.line(img, (10, row // 2), (width - 10, row // 2), (0, 0, 0), 1)
+    cv2.putText(img, f"0 s ... {duration:.1f} s", (12, row // 2 - 3), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    for i, (text, (t0, t1), score, colour) in enumerate(rows, start=1):
+        y = row * i + 4
+        shade = tuple(int(255 - (255 - c) * (0.3 + 0.7 * score)) for c in colour)
+        cv2.rectangle(img, (x(t0), y), (max(x(t1), x(t0) + 1), y + row - 6), shade, -1)
+        cv2.putText(img, text, (x(t0) + 3, y + row - 11), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1)
+    cv2.imwrite(str(path), img)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description="ActivityNet detection mAP / proposal AR@AN.")
     p.add_argument("--gt", required=True, help="annotation JSON, ActivityNet 'database' format")

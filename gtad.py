@@ -278,6 +278,12 @@ def targets(segments, L):
 
 # ---------------------------------------------------------------------------- loss (spec §3)
 
+def batch_targets(segments, L, device):
+    """G-TAD labels for each video of a batch at this batch's temporal scale L."""
+    start, end, iou = zip(*(targets(s, L) for s in segments))
+    return torch.stack(start).to(device), torch.stack(end).to(device), torch.stack(iou).to(device)
+
+
 def _balanced_bce(p, positive):
     """1/2 mean over positives of -log(p) + 1/2 mean over negatives of -log(1 - p).
 
@@ -413,3 +419,89 @@ def read_video_scores(path):
             raise ValueError(f"{path}: video {key} appears twice (with and without 'v_')")
         scores[key] = row
     return scores, names
+
+
+# ----------------------------------------------------------------------------- per-video features
+def rescale(x, L):
+    """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples
+    the input at position (i + 0.5) T / L - 0.5, clamped to [0, T - 1] (F.interpolate's align_corners=
+    False rule: bin centres map to bin centres, and T = L is the identity)."""
+    return F.interpolate(x[None], size=L, mode="linear", align_corners=False)[0]
+
+
+def read_features(folder, videos, L):
+    """Per-video features, one <id>.npy or v_<id>.npy of shape (T, D) a video (T snippets in time order
+    covering the video; any T, one D) -> dict id -> (D, L), rescaled and layer-normalised as
+    snippet_features does it. Every video needs its file."""
+    feats, first, missing = {}, None, []                   # first: (D, path) of the first file read
+    for v in videos:
+        path = next((p for p in (Path(folder) / f"{v.id}.npy", Path(folder) / f"v_{v.id}.npy") if p.is_file()), None)
+        if path is None:
+            missing.append(v.id)
+            continue
+        try:
+            x = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"{path}: not a numpy array file ({e})") from None
+        if x.ndim != 2 or min(x.shape) < 1 or x.dtype.kind not in "iuf" or not np.isfinite(x).all():
+            raise ValueError(f"{path}: expected a finite (T, D) array of snippet features, got shape {x.shape}")
+        first = first or (x.shape[1], path)
+        if x.shape[1] != first[0]:
+            raise ValueError(f"{path}: D = {x.shape[1]}, but {first[1]} has D = {first[0]}")
+        y = rescale(torch.from_numpy(x.astype(np.float32)).T, L)                              # (D, L)
+        feats[v.id] = F.layer_norm(y.T, y.shape[:1]).T.contiguous()                           # (D, L)
+    if missing:
+        raise ValueError(f"--features {folder}: no <id>.npy or v_<id>.npy for {len(missing)} video(s): "
+                            + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+    return feats
+
+
+# ----------------------------------------------------------------------------- video-level classes (spec §5.6)
+def pooled(feat):
+    """A video's (D, L) snippet features -> (2D,): mean and max over time."""
+    return torch.cat([feat.mean(1), feat.amax(1)])
+
+
+def video_classifier(dim, num_classes):
+    return nn.Sequential(nn.LayerNorm(2 * dim), nn.Linear(2 * dim, num_classes))     # on [mean, max]
+
+
+def train_video_classifier(feats, videos, classes, seed, steps=300):
+    """The video-level classifier whose top classes assign_classes uses, when no CUHK score file is
+    given: a linear layer on pooled features, multi-label (a video may hold several classes)."""
+    x = torch.stack([pooled(feats[v.id]) for v in videos])                                  # (N, 2D)
+    y = torch.zeros(len(videos), len(classes))                                                 # (N, K)
+    for i, v in enumerate(videos):
+        for label in v.labels:
+            y[i, classes.index(label)] = 1.0
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        clf = video_classifier(x.shape[1] // 2, len(classes))
+        opt = torch.optim.Adam(clf.parameters(), lr=1e-2, weight_decay=1e-4)
+        for _ in range(steps):
+            loss = F.binary_cross_entropy_with_logits(clf(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return clf
+
+
+@torch.no_grad()
+def video_class_scores(clf, feat):
+    return torch.sigmoid(clf(pooled(feat)[None]))[0].numpy()                                # (K,)
+
+
+@torch.no_grad()
+def detections_for(head, feat, duration, class_scores, class_names, sigma=0.84, top_k=100):
+    """One video's (D, L) features -> its ActivityNet result entries: maps, decoding, soft-NMS, classes."""
+    out = head(feat[None].to(next(head.parameters()).device))
+    segments, scores = decode({k: v[0].float().cpu() for k, v in out.items()}, duration, sigma=sigma, top_k=top_k)
+    return assign_classes(segments, scores, class_scores, class_names, top=2)
+
+
+def known_classes_only(results, videos):
+    """The official evaluator refuses labels absent from the evaluated videos' ground truth; a class
+    seen only in training can still be predicted, so drop those. -> (results, number dropped)."""
+    known = {label for v in videos for label in v.labels}
+    dropped = sum(d["label"] not in known for found in results.values() for d in found)
+    return {vid: [d for d in found if d["label"] in known] for vid, found in results.items()}, dropped

@@ -8,7 +8,7 @@ clip ends), and the pooled per-frame features are averaged into one D-vector per
 Parameter names are torchvision's, with the official `.net.` infix on each shifted conv1,
 so released TSM checkpoints and torchvision weights load through one mapping function.
 
-Used from lofi.py (`TSM`, `load_weights`, `imagenet_tsm`). Check a weights file by hand:
+Used from lofi.py (`build_encoder`, `set_bn_eval`, `recalibrate_bn`). Check a weights file by hand:
     python tsm.py PATH/TO/weights.pth [--depth 18]
 Tests (CPU, seconds):
     python -m pytest -q tests/test_tsm.py
@@ -216,16 +216,17 @@ def load_state(model, state, source):
     return dict(loaded=sorted(mapped), ignored=ignored)
 
 
-def load_weights(model, path):
-    """Load an official TSM release, a torchvision ResNet state dict or this project's checkpoint.
+def load_weights(model, path, ckpt=None):
+    """Load an official TSM release, a torchvision ResNet state dict or this project's checkpoint
+    (`ckpt`: the file's contents when the caller has read it already).
 
     Returns dict(loaded=[model keys], ignored=[file keys of classifier heads]).
     """
     path = Path(path)
-    if not path.is_file():
+    if ckpt is None and not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        ckpt = torch.load(path, map_location="cpu", weights_only=True) if ckpt is None else ckpt
     except Exception as e:  # truncated zip, not a torch file, pickled objects: all unusable
         raise ValueError(f"{path}: cannot read weights file ({type(e).__name__}: {e})") from e
     if isinstance(ckpt, dict) and "encoder" in ckpt:  # this project's checkpoint (lofi.py)
@@ -255,6 +256,89 @@ def imagenet_tsm(cfg):
     model = TSM(cfg)
     load_state(model, weights.get_state_dict(progress=True, weights_only=True), weights.url)
     return model
+
+
+def build_encoder(depth=18, init="none", ckpt=None, checkpoint=False):
+    """The encoder every stage starts from: random (init 'none'), torchvision's ImageNet weights
+    ('imagenet'), or the weights file at path `init`, whose contents `ckpt` the caller has read.
+    A lofi.py checkpoint knows its own depth (`encoder_cfg`), which then wins over `depth`.
+    -> (encoder, a line saying where its weights came from)."""
+    cfg = TSMConfig(depth=depth, checkpoint=checkpoint)
+    if init == "imagenet":
+        return imagenet_tsm(cfg), "encoder from torchvision's ImageNet weights"
+    if init == "none":
+        return TSM(cfg), "encoder initialised at random"
+    if isinstance(ckpt, dict) and "encoder_cfg" in ckpt:
+        cfg = TSMConfig(**{**ckpt["encoder_cfg"], "checkpoint": checkpoint})
+    encoder = TSM(cfg)
+    report = load_weights(encoder, init, ckpt)
+    return encoder, f"encoder from {init}: {len(report['loaded'])} tensors, ignored {report['ignored']}"
+
+
+class ClipNet(nn.Module):
+    """Stage 1's classifier: the encoder and a linear layer over its (N, D) clip features."""
+
+    def __init__(self, encoder, num_classes):
+        super().__init__()
+        self.encoder, self.fc = encoder, nn.Linear(encoder.dim, num_classes)
+        # A zero classifier starts every clip at the uniform prediction: first loss ln K, whatever the
+        # scale of the encoder's features (hundreds from scratch: an initial loss of 3.5 for K = 3).
+        nn.init.zeros_(self.fc.weight)
+        nn.init.zeros_(self.fc.bias)
+
+    def forward(self, frames):                                        # (B, F, 3, H, W) uint8
+        return self.fc(self.encoder(normalize(frames)))           # (B, K)
+
+
+def set_bn_eval(model):
+    """BatchNorm layers in eval mode (running statistics, no update): for small per-GPU batches."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eval()
+
+
+@torch.no_grad()
+def recalibrate_bn(encoder, clips):
+    """Re-estimate every BatchNorm's running statistics from `clips`, an iterable of uint8 frame batches
+    (N, F, 3, H, W): each layer's batch statistics averaged over all of them (momentum None), weights
+    untouched. LoFi's stage 2 leaves the statistics of its last low-fidelity configuration (e.g. 112^2
+    frames), which full-fidelity features would otherwise be normalised with (beyond the paper)."""
+    norms = [m for m in encoder.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None
+    encoder.train()
+    for x in clips:
+        encoder(normalize(x))                           # (N, D), only the statistics matter
+    for m in norms:
+        m.momentum = 0.1
+    return encoder.eval()
+
+
+def step_memory(fn, params, device, amp):
+    """Bytes one forward + backward of fn() holds for backward: on CUDA its peak allocated, elsewhere the
+    tensors autograd saves (each storage once), without the weights (counted as fixed) and G-TAD's
+    sparse alignment matrices (constants shared by all videos)."""
+    for _ in range(2):                         # the first run warms up allocators and caches
+        storages, skip = {}, {p.untyped_storage().data_ptr() for p in params}
+
+        def pack(t):
+            if t.layout == torch.strided and t.untyped_storage().data_ptr() not in skip:
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp), \
+                torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = fn()
+        out.backward()
+        held = sum(storages.values())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            held = torch.cuda.max_memory_allocated(device) - base
+    return held
 
 
 if __name__ == "__main__":
