@@ -1,19 +1,13 @@
-"""Data for LoFi: annotations, OpenCV decoding, fidelity-aware snippet batches, the C-LoFi schedules,
-the datasets, the frame store, a synthetic dataset and a data check.
-
-Paper (Xu et al., NeurIPS 2021) Sec. 3: a video is L snippets, each of F frames taken at a stride inside
-a window of F * stride consecutive frames (64 frames at stride 8 -> 8 frames). Sec. 3.2: the full
-fidelity L x H x W (Eq. 1) and S-, T-, ST-LoFi (Eq. 2-4), cycled by C-LoFi every c_l epochs (long
-cycle) or every c_s batches (short cycle); Sec. 4.3: r_s = 2, r_t = 4, and (r_t, r_s) = (2, sqrt 2).
+"""Data for LoFi: annotations, OpenCV decoding, fidelity-aware snippet batches and the C-LoFi schedules
+(Sec. 3.2, Eq. 1-4), the datasets, the frame store, a synthetic dataset and a data check.
 
     python data.py synth data/synth --videos 128 --seed 0    # mp4 files + ActivityNet-style anno.json
     python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--deep]
     python data.py prepare --anno A.json --videos DIR --store S --preset paper   # then lofi.py --store S
 
-Every stage reads either video files or a frame store. From files, the frames a batch needs are decoded
-sequentially with OpenCV at full resolution, and every lower fidelity is resized from them. `prepare`
-decodes each video once and keeps, as JPEGs at full resolution, only the frames any stage can ask for;
-a lower fidelity then comes from libjpeg's reduced-size decoding plus one resize.
+A video is L snippets, each of F frames at a stride inside a window of F * stride frames. Frames come
+from video files (decoded at full resolution, lower fidelities resized from them) or from a frame store
+(`prepare`: each video decoded once, the frames any stage can ask for kept as full-size JPEGs).
 """
 import argparse
 import json
@@ -68,6 +62,7 @@ positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+at_least_4 = _checked(int, lambda v: v >= 4, "at least 4 (3:1 training:validation)")
 
 
 # ----------------------------------------------------------------------------- fidelity (Sec. 3.2)
@@ -106,8 +101,8 @@ def c_lofi(full):
 
 
 def fidelity_at(configs, cycle, epoch, step, c_l=1, c_s=16):
-    """The configuration of a batch. The short cycle's `step` counts batches from the start of training
-    (epoch * steps_per_epoch + batch): small epochs still visit S, T and ST, and resuming is exact."""
+    """A batch's configuration: every c_l epochs (long cycle) or c_s batches (short; `step` counts batches
+    from the start of training, so small epochs still visit S, T and ST) the next one."""
     if cycle == "long":
         return configs[(epoch // c_l) % len(configs)]
     if cycle == "short":
@@ -182,9 +177,7 @@ class VideoError(RuntimeError):
 
 
 def video_files(video_dir):
-    """One listing of a video folder -> dict id -> path: <id>.<ext> before v_<id>.<ext>, extensions in
-    EXTENSIONS order. One directory read, not a stat call per name and extension (80k for ActivityNet
-    on a shared filesystem)."""
+    """One listing of a video folder (not a stat a name) -> dict id -> path; <id>.<ext> before v_<id>.<ext>."""
     found = {}
     for name in sorted(os.listdir(video_dir)):
         stem, _, ext = name.rpartition(".")
@@ -204,8 +197,7 @@ def worker_init(_):
 
 def open_video(path):
     """-> (cv2.VideoCapture, frame count, fps) as the container states them."""
-    # One FFmpeg thread: parallelism comes from DataLoader workers, and FFmpeg's frame threads cost more
-    # than they gained even in one process (2 cores, mp4v: 4.5x slower at 80 x 64, 1.2x at 640 x 360).
+    # One FFmpeg thread: the DataLoader workers are the parallelism (README of tests/bench: threads cost).
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV/FFmpeg cannot open it (not a video, truncated, or an unknown codec)")
@@ -221,8 +213,7 @@ def _mismatch(seconds, expected):
 
 
 def fit_frame(img, size):
-    """Centre-crop to the aspect of H x W, then scale to H x W. A large reduction goes first through an
-    integer block average (OpenCV's fast INTER_AREA path, ~4x faster at 360p -> 64^2), then one resize."""
+    """Centre-crop to the aspect of H x W, then scale: a large reduction first by an integer block average."""
     (H, W), (h, w) = size, img.shape[:2]
     s = min(h / H, w / W)                                   # source pixels per target pixel
     k = max(1, int(s))
@@ -237,10 +228,9 @@ def fit_frame(img, size):
 
 
 def read_frames(cap, wanted, size, pos=0, put=None):
-    """Frames at sorted unique indices in one sequential pass; `pos` is the frame the next grab() decodes
-    (after seek(), frame pos - 1 is grabbed and waiting): grab() skips, retrieve() converts only the
-    frames asked for. -> ((K, 3, H, W) RGB uint8, None), or (None, frames in the stream) if it ends
-    first. put(j, frame (H, W, 3) BGR): take each frame as it comes instead (-> (None, None) at the end)."""
+    """Frames at sorted unique indices in one pass from frame `pos` (grab() skips, retrieve() converts) ->
+    ((K, 3, H, W) RGB uint8, None), or (None, frames in the stream) if it ends first. put(j, BGR frame):
+    take each frame as it comes instead."""
     out = None if put else np.empty((len(wanted), 3, *size), np.uint8)                  # (K, 3, H, W)
     for j, t in enumerate(wanted):
         while pos <= t:
@@ -258,15 +248,13 @@ def read_frames(cap, wanted, size, pos=0, put=None):
 
 
 def landed(cap, fps):
-    """The frame number of the frame just grabbed, from its timestamp (not from OpenCV's frame counter,
-    which reports the frame asked for even where a seek lands elsewhere)."""
+    """The number of the frame just grabbed, from its timestamp (OpenCV's counter says where a seek aimed)."""
     return round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000)
 
 
 def seek(path, cap, fps, frame):
-    """Position the capture so that the next frame read_frames needs is `frame` -> (capture, position
-    for read_frames). The frame it lands on is checked by its timestamp; where the container cannot
-    seek exactly, the file is reopened and read from frame 0."""
+    """Seek to `frame` -> (capture, position for read_frames); where the container cannot seek exactly
+    (checked by timestamp), the file is reopened at frame 0."""
     if frame > 0 and cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and cap.grab() and landed(cap, fps) == frame:
         return cap, frame + 1                        # `frame` is grabbed: read_frames retrieves it first
     cap.release()
@@ -274,20 +262,16 @@ def seek(path, cap, fps, frame):
 
 
 def at_indices(frames, idx, wanted, inverse):
-    """Frames (K, ...) of the sorted unique indices `wanted` = np.unique(idx) -> (*idx.shape, ...): a
-    reshape (no copy) when idx has no repeats and is sorted, else one gather."""
+    """Frames (K, ...) at `wanted` = np.unique(idx) -> (*idx.shape, ...): a reshape where idx is sorted unique."""
     if np.array_equal(wanted, idx.ravel()):
         return frames.reshape(*idx.shape, *frames.shape[1:])
     return np.take(frames, inverse.reshape(idx.shape), axis=0)
 
 
 def read_video(path, index_fn, size, seek_first=False, put=None):
-    """Decode the frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps).
-    seek_first: jump to the first of them instead of decoding from frame 0 (a stage-1 clip late in a
-    long video). put: read_frames' sink (index_fn must then give sorted unique indices; frames None).
-    If the stream ends before the container's count n, the indices are recomputed from the true count
-    when the gap is within the duration tolerance (max(1 s, 2 %)), and read again; beyond it the video is
-    an error."""
+    """The frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps). seek_first:
+    jump to the first (a clip late in a long video); put: read_frames' sink. A stream that ends before the
+    container's count, within the duration tolerance, is read again with indices from the true count."""
     cap, n, fps = open_video(path)
     try:
         for attempt in range(2):
@@ -311,10 +295,9 @@ def read_video(path, index_fn, size, seek_first=False, put=None):
 
 
 def snippet_indices(num_frames, L, F=8, stride=8):
-    """Frame indices (L, F) int64 of L snippets evenly covering the video. Snippet i's window is centred
-    at (i + 0.5) * num_frames / L, its frames at centre - F * stride / 2 + stride * (f + 0.5), floored,
-    clipped to the video: short videos overlap windows and repeat frames, but the stride (the motion
-    scale the encoder sees) never changes."""
+    """Frame indices (L, F) int64 of L snippets evenly covering the video: window i centred at
+    (i + 0.5) * num_frames / L, frame f at centre - F * stride / 2 + stride * (f + 0.5), floored, clipped
+    (short videos repeat frames; the stride, the motion scale, never changes)."""
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got {num_frames}")
     i, f = np.arange(L, dtype=np.int64)[:, None], np.arange(F, dtype=np.int64)[None, :]
@@ -332,8 +315,7 @@ def clip_indices(first, end, u, F, stride):
 
 
 def resize_frames(frames, size):
-    """(..., 3, h, w) -> (..., 3, H, W), each colour plane by INTER_AREA: from full-resolution decoded
-    frames to a lower fidelity."""
+    """(..., 3, h, w) -> (..., 3, H, W), each colour plane by INTER_AREA (full resolution -> a lower fidelity)."""
     H, W = size
     if frames.shape[-2:] == (H, W):
         return frames
@@ -363,9 +345,8 @@ def instance_frames(segment, n, fps):
 
 
 def stored_frames(video, n, fps, geometry):
-    """The frames `prepare` keeps of a video of n frames -> sorted unique indices: every snippet frame at
-    each L of full, S, T and ST fidelity, and what stage 1 can draw: in a training video every frame of
-    every instance (a clip may start anywhere in it, as from the files), elsewhere the centred window."""
+    """The frames `prepare` keeps -> sorted unique indices: every snippet frame at each L of full, S, T
+    and ST fidelity, and what stage 1 can draw (training: every instance frame; else centred windows)."""
     F, stride, full = geometry["frames"], geometry["stride"], Fidelity(geometry["snippets"], 1, 1)
     parts = [snippet_indices(n, L, F, stride).ravel() for L in {c.L for c in [full, *c_lofi(full)]}]
     for s in video.segments:
@@ -375,10 +356,8 @@ def stored_frames(video, n, fps, geometry):
 
 
 def decode_jpeg(buf, stored, size):
-    """JPEG bytes of a stored (h, w) frame -> (3, H, W) RGB uint8. libjpeg decodes at 1/2, 1/4 or 1/8 scale
-    for the cost of that size, so S-LoFi's 112^2 comes straight out of a 224^2 frame; one bilinear
-    resize does the rest (ST-LoFi's 158^2). What is left to shrink is then less than 2x, where bilinear
-    skips no pixel; INTER_AREA would cost 0.30 ms a frame against 0.05 (and 0.18 for the decode)."""
+    """JPEG bytes of a stored (h, w) frame -> (3, H, W) RGB uint8: libjpeg's 1/2, 1/4 or 1/8-scale decode,
+    then one bilinear resize of less than 2x (where bilinear skips no pixel)."""
     (h, w), (H, W) = stored, size
     r = max(r for r in REDUCED if h // r >= H and w // r >= W) if h >= H and w >= W else 1
     img = cv2.imdecode(np.frombuffer(buf, np.uint8), REDUCED[r])
@@ -590,9 +569,7 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
 
 # ----------------------------------------------------------------------------- datasets
 def _usable(videos, source, classes=None):
-    """The datasets' fail-fast start: the cheap half of `check`, then each video's file (None for a
-    FrameStore: each must be in it). (lofi.py drops videos without frames, with a record, before it
-    builds a dataset.)"""
+    """The datasets' fail-fast start: the cheap half of `check` -> (videos, their files; None from a store)."""
     videos = list(videos.values() if isinstance(videos, dict) else videos)
     if isinstance(source, FrameStore):
         gone = sorted({v.id for v in videos} - source.ready())
@@ -630,10 +607,9 @@ REPLACE_TRIES = 16    # broken videos in a row before an item gives up (then --m
 
 
 def replacing(read, n, index, name):
-    """read(index), or, if that video is broken (VideoError, or its file gone since the start), read()
-    of the next index that works (cyclically: deterministic, same split) -> (item, [dict(id, reason, by)]
-    of the videos it replaced). A broken video costs a wasted decode each epoch, but the batch and every
-    rank keep their size. Other errors (a full disk, a bug) are not the video's fault and propagate."""
+    """read(index), or for a broken video (VideoError, its file gone) read() of the next index that works,
+    cyclically -> (item, [dict(id, reason, by)] replaced). Batches and ranks keep their size; other errors
+    (a full disk, a bug) propagate."""
     replaced = []
     for k in range(min(n, REPLACE_TRIES)):
         try:
@@ -646,11 +622,9 @@ def replacing(read, n, index, name):
 
 
 class TALDataset(torch.utils.data.Dataset):
-    """Item (index, Fidelity) -> dict(frames uint8 (L, F, 3, H, W), segments float32 (N, 2) in [0, 1]
-    of the annotated duration, labels [str], id, duration, fidelity, replaced). A plain index means full
-    fidelity. `source` is a folder of video files (decoded at full H x W, then resized) or a FrameStore
-    (JPEGs decoded straight to near the size asked for). A broken video is replaced by the next one that
-    decodes, listed in `replaced` (see `replacing`): the item is then entirely the other video's."""
+    """Item (index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments
+    float32 (N, 2) in [0, 1] of the duration, labels, id, duration, fidelity, replaced). `source`: a video
+    folder or a FrameStore. A broken video's item is the next one that decodes (`replacing`)."""
 
     def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224)):
         self.videos, self.paths = _usable(videos, source)
@@ -732,10 +706,8 @@ class ClipDataset(torch.utils.data.Dataset):
 
 
 def augment_clip(frames, rng):
-    """One random transform for all F frames of a clip (F, 3, H, W) uint8, so the motion survives:
-    TSM's multi-scale crop (a box of 0.8-1 of each side, anywhere, scaled back to H x W), a horizontal
-    flip, and brightness / contrast / per-channel gain. A from-scratch encoder on a few hundred videos
-    otherwise learns each video's look (a class per video) instead of the motion that defines the class."""
+    """One random transform for all frames of a clip (F, 3, H, W) uint8, so the motion survives: a crop of
+    0.8-1 of each side scaled back, a flip, contrast and per-channel gain (against learning looks)."""
     n, _, H, W = frames.shape
     h, w = (int(round(rng.uniform(0.8, 1.0) * side)) for side in (H, W))
     y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
@@ -822,11 +794,6 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
       slides in a straight line to a new rest position. Stage 1 sees trimmed instances only and never
       meets these; a localization loss teaches the encoder to tell them from actions. They are listed
       under each video's 'distractors' key, which the ActivityNet format ignores.
-
-    Why one large object: the encoder averages its features over the whole frame, so the motion of an
-    object covering a few per cent of a 64^2 frame is too weak a signal to learn from scratch on a
-    hundred videos: a TSM-R18 then memorises each video's look instead (measured: 0.3-0.5 validation
-    clip accuracy with 12-16 pixel objects, 0.8 after the same 400 steps with 24 pixels).
     """
     out_dir, (H, W) = Path(out_dir), size
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
@@ -893,56 +860,44 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
     p.add_argument("out_dir")
-    p.add_argument("--videos", type=int, default=128, help="number of videos (3:1 training:validation)")
-    p.add_argument("--seed", type=int, default=0, help="the dataset is a pure function of the seed")
-    p = sub.add_parser("check", help="list every problem that would break or mislabel training")
-    p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON")
-    p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
-    p.add_argument("--subset", default=None, help="check only this subset (default: all)")
-    p.add_argument("--deep", action="store_true", help="decode every frame and compare the count with the "
-                   "container's (ActivityNet: ~22 h of decoding, split over --workers)")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
-    p = sub.add_parser("prepare", help="decode every video once into a frame store that every stage can read")
-    p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON (all subsets are stored)")
-    p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
+    p.add_argument("--videos", type=at_least_4, default=128, help="number of videos (3:1 training:validation)")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="the dataset is a pure function of the seed")
+    for name, text in (("check", "list every problem that would break or mislabel training"),
+                       ("prepare", "decode every video once into a frame store that every stage can read")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON")
+        p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
+        p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="decoding processes (default: all)")
+    sub.choices["check"].add_argument("--subset", help="check only this subset (default: all)")
+    sub.choices["check"].add_argument("--deep", action="store_true", help="decode every frame and compare the "
+                                      "count with the container's (ActivityNet: ~22 h of decoding)")
     p.add_argument("--store", required=True, help="the store folder (a rerun adds what is not yet in it)")
     p.add_argument("--preset", default="paper", choices=GEOMETRY, help="the geometry to store (default paper)")
     for key in ("snippets", "frames", "stride", "size"):
-        p.add_argument(f"--{key}", type=int, help=f"override the preset's {key}, as lofi.py --{key} does")
-    p.add_argument("--workers", type=int, default=os.cpu_count(), help="decoding processes (default: all cores)")
+        p.add_argument(f"--{key}", type=positive_int, help=f"override the preset's {key}, as lofi.py --{key} does")
     args = parser.parse_args(argv)
-    if args.command == "prepare":
-        geometry = {k: v if getattr(args, k) is None else getattr(args, k) for k, v in GEOMETRY[args.preset].items()}
-        if min(geometry.values()) < 1 or args.workers < 1:
-            parser.error(f"prepare: --workers and {geometry} must be positive integers")
-        if not Path(args.videos).is_dir():
-            parser.error(f"--videos {args.videos}: not a folder")
-        try:
-            stored, failed, missing, frames, size = prepare(args.anno, args.videos, args.store, geometry, args.workers)
-        except (BadInput, OSError) as e:             # OSError: a full disk, a store folder gone read-only
-            parser.error(str(e))
-        if failed + missing:
-            print(f"failed and missing videos, with the reasons: {Path(args.store) / 'manifest.jsonl'}")
-        print(f"prepared {stored} videos ({failed} failed, {missing} missing): {frames} frames, {size} bytes -> {args.store}")
-        return 0
     if args.command == "synth":
-        if args.videos < 4 or args.seed < 0:
-            parser.error("synth: --videos must be at least 4 (3:1 training:validation) and --seed non-negative")
         anno = synth(args.out_dir, args.videos, args.seed)
         print(f"{args.videos} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
         return 0
-    if args.workers < 1:
-        parser.error(f"--workers must be at least 1, got {args.workers}")
     if not Path(args.videos).is_dir():
         parser.error(f"--videos {args.videos}: not a folder")
     try:
+        if args.command == "prepare":
+            geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}
+            stored, failed, missing, frames, size = prepare(args.anno, args.videos, args.store, geometry, args.workers)
+            if failed + missing:
+                print(f"failed and missing videos, with the reasons: {Path(args.store) / 'manifest.jsonl'}")
+            print(f"prepared {stored} videos ({failed} failed, {missing} missing): {frames} frames, {size} bytes "
+                  f"-> {args.store}")
+            return 0
         everything, _ = read_annotations(args.anno)
         videos, report = read_annotations(args.anno, args.subset)
-    except BadInput as e:
+    except (BadInput, OSError) as e:                 # OSError: a full disk, a store folder gone read-only
         parser.error(str(e))
     training = [v for v in everything.values() if v.subset == "training"]
-    classes = class_names(training) if training else None
-    errors, warnings = check(videos.values(), args.videos, classes=classes, deep=args.deep, workers=args.workers)
+    errors, warnings = check(videos.values(), args.videos, classes=class_names(training) if training else None,
+                             deep=args.deep, workers=args.workers)
     warnings = report["problems"] + warnings
     for line in [f"error: {e}" for e in errors] + [f"warning: {w}" for w in warnings]:
         print(line)

@@ -326,6 +326,20 @@ def loss(out, start, end, iou, generator=None):
 
 # ---------------------------------------------------------------------------- decoding (spec §5)
 
+def video_memory(cfg, L, device, amp, measure):
+    """(bytes per video, fixed bytes) a training step of the head holds at scale L: the marginal cost of a
+    video (1 and 2 videos of random features), and the weights and gradients. measure(fn, params, device,
+    amp) -> the bytes one forward + backward of fn() holds (tsm.step_memory)."""
+    head = GTAD(cfg).to(device).train()
+    labels = batch_targets([torch.tensor([[0.2, 0.5], [0.6, 0.9]])], L, device)
+
+    def step(b):
+        feats = torch.randn(b, cfg.feat_dim, L, device=device, requires_grad=True)             # (b, D, L)
+        return lambda: loss(head(feats), *(t.expand(b, *t.shape[1:]) for t in labels))["total"]
+    m1, m2 = (measure(step(b), [*head.parameters()], device, amp) for b in (1, 2))
+    return m2 - m1, 2 * sum(p.numel() * p.element_size() for p in head.parameters()) + max(0.0, 2 * m1 - m2)
+
+
 def _boundaries(p):
     """Candidate positions 1..L-2: strict local maxima or above half the maximum (BMN's rule)."""
     c = np.zeros(len(p), dtype=bool)
@@ -499,9 +513,11 @@ def detections_for(head, feat, duration, class_scores, class_names, sigma=0.84, 
     return assign_classes(segments, scores, class_scores, class_names, top=2)
 
 
-def known_classes_only(results, videos):
-    """The official evaluator refuses labels absent from the evaluated videos' ground truth; a class
-    seen only in training can still be predicted, so drop those. -> (results, number dropped)."""
+def detect_videos(head, feats, videos, scores, sigma=0.84, top_k=100):
+    """Detections of `videos` ({id: [entry]}), classes from scores(video) -> (class scores, names), less
+    the labels absent from their ground truth: the official evaluator refuses those, and a class seen
+    only in training can still be predicted. -> (results, number of detections dropped)."""
     known = {label for v in videos for label in v.labels}
+    results = {v.id: detections_for(head, feats[v.id], v.duration, *scores(v), sigma, top_k) for v in videos}
     dropped = sum(d["label"] not in known for found in results.values() for d in found)
     return {vid: [d for d in found if d["label"] in known] for vid, found in results.items()}, dropped

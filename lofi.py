@@ -1,23 +1,17 @@
-"""LoFi: low-fidelity end-to-end training of a video encoder for temporal action localization.
-
-Implements Xu et al., "Low-Fidelity Video Encoder Optimization for Temporal Action Localization"
-(NeurIPS 2021), Sec. 3.1 / Fig. 1, as three stages of one program:
+"""LoFi (Xu et al., NeurIPS 2021, Sec. 3.1 / Fig. 1): a video encoder trained for temporal action
+localization at low fidelity, in three stages of one program, every one trained by the one loop fit():
 
   --stage acp    (1) action-classification pre-training of the TSM encoder on trimmed clips
-  --stage lofi   (2) encoder + G-TAD head end to end on the TAL loss at low fidelity
-                     (S-, T-, ST-LoFi, Eq. 2-4, or the C-LoFi cycle, Sec. 3.2)
+  --stage lofi   (2) encoder + G-TAD head end to end on the TAL loss at low fidelity (S, T, ST, C-LoFi)
   --stage head   (3) frozen encoder, full-fidelity features, a fresh G-TAD head, detections, mAP
-and two utilities: --stage plan (training memory of every fidelity, and what fits a budget) and
---stage detect (one video file).
+  --stage plan   training memory of every fidelity, and what fits; --stage detect: one video file
 
   bash train.sh                                                     # the whole pipeline, synthetic, CPU
   torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long     # after bash train.sh: its data and stage 1
-  python lofi.py --stage lofi --preset paper --anno A.json --store STORE --out runs/lofi --init runs/acp/last.pt
   python lofi.py --stage plan --preset paper --budget-gb 80         # needs no dataset
 
-Every stage trains through one loop, fit(). Bad input (a flag, a file, an annotation) stops with one
-line and exit code 2; videos without a file are skipped and videos that fail to decode are replaced,
-both with a record (README, "Bad input").
+Bad input stops with one line and exit code 2; videos without a file are skipped, videos that fail to
+decode replaced, both with a record (README, "Bad input").
 """
 import argparse
 import contextlib
@@ -42,11 +36,9 @@ import evaluate
 import gtad
 import tsm
 
-# Defaults per preset; an explicit flag always wins. The paper does not state the number of stage-2
-# epochs: 15 (three lr halvings) is our choice. Stage 3 follows G-TAD (10 epochs, lr x0.1 at 5) with
-# an lr from the paper's search set. Stage 1 from scratch on a hundred synthetic videos (tiny) needs
-# Adam and ~500 steps of 16 clips to learn motion; SGD at lr 0.01-0.02 had not left chance after 400
-# steps (tests/bench/README.md). Clips are far smaller than videos: stage 1 has its own batch size.
+# Defaults per preset; a flag always wins. Stage-2 epochs are not in the paper (15: three lr halvings);
+# stage 3 follows G-TAD. Tiny: stage 1 from scratch on a hundred videos needs Adam and ~500 steps of 16
+# clips to learn motion, where SGD had not left chance after 400 (tests/bench/README.md).
 PRESETS = {
     "paper": dict(**data.GEOMETRY["paper"], batch_size=16, workers="cores", amp=False,
                   acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16, acp_workers="cores",
@@ -77,15 +69,12 @@ def get_args(argv=None):
     add("--frames", type=pos, help="frames per snippet F (paper: 8)")
     add("--stride", type=pos, help="frame stride inside a snippet (paper: 8, a 64-frame window)")
     add("--size", type=pos, help="full-fidelity frame side H = W (paper: 224)")
-    add("--max-bad", type=data.fraction, default=0.1, help="stop when more than this fraction of a split's videos "
-        "are missing or broken (a wrong folder, not a few dead downloads)")
+    add("--max-bad", type=data.fraction, default=0.1, help="stop past this fraction of missing or broken videos")
     # model
     add("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
-    add("--init", help="none | imagenet | PATH (TSM release, torchvision or lofi checkpoint); default: none for acp, "
-        "<out>/../acp/last.pt for lofi, <out>/../lofi/last.pt for head, where they exist")
+    add("--init", help="none | imagenet | PATH (TSM, torchvision or lofi weights); default: the stage before's")
     # fidelity (stage 2)
-    add("--fidelity", choices=["s", "t", "st", "full"], help="one LoFi configuration (Eq. 2-4) instead of a cycle; "
-        "full: end to end at full fidelity, the upper bound that fits only at tiny scale")
+    add("--fidelity", choices=["s", "t", "st", "full"], help="one configuration (Eq. 2-4, or full) instead of a cycle")
     add("--cycle", default="long", choices=["long", "short"], help="C-LoFi schedule (default long)")
     add("--c-l", type=pos, default=1, help="long cycle: epochs per configuration")
     add("--c-s", type=pos, default=16, help="short cycle: batches per configuration")
@@ -102,10 +91,8 @@ def get_args(argv=None):
     add("--nms-sigma", type=num, default=0.84, help="soft-NMS exp(-iou^2 / sigma); paper 0.84, G-TAD 0.8")
     add("--top-k", type=pos, default=100, help="proposals kept per video")
     add("--video-scores", help="CUHK-format video-level class scores instead of our classifier")
-    add("--lr-search", action="store_true", help="head: the lr from the paper's set {2e-4 ... 5e-3}, by average "
-        "mAP on a held-out tenth of the training videos")
-    add("--bn-recal", type=count, default=0, help="head: first re-estimate the encoder's BatchNorm statistics at "
-        "full fidelity on this many training videos (0: keep stage 2's)")
+    add("--lr-search", action="store_true", help="head: the paper's lr search, on a tenth of the training videos")
+    add("--bn-recal", type=count, default=0, help="head: re-estimate BatchNorm at full fidelity on N training videos")
     # utilities
     add("--budget-gb", type=num, help="plan: memory per device to fit batches into")
     add("--plan-snippets", type=pos, help="plan: snippets run through the encoder (memory is linear in them)")
@@ -113,8 +100,7 @@ def get_args(argv=None):
     add("--run", help="detect: a stage-3 run folder")
     # run control
     add("--resume", action="store_true", help="continue from <out>/last.pt")
-    add("--save-every", type=count, default=0, help="also write <out>/last.pt every N steps inside an epoch (an "
-        "ActivityNet epoch takes tens of minutes; 0: at epoch ends only)")
+    add("--save-every", type=count, default=0, help="also write <out>/last.pt every N steps (0: at epoch ends)")
     add("--seed", type=count, default=0)
     add("--max-steps", type=pos, help="stop each epoch after this many steps (tests, dry runs)")
     args = p.parse_args(argv)
@@ -138,9 +124,8 @@ def get_args(argv=None):
 
 
 def check_inputs(p, args):
-    """The rules between flags, and the files they name, each read once and handed on as `inputs`:
-    the annotations, the frame store, the --init checkpoint, the video-level scores. A refusal is one
-    line naming the flag and the reason, exit code 2, before any video is read or anything written."""
+    """The rules between flags, and the files they name, each read once and handed on as `inputs`. A
+    refusal is one line naming the flag and the reason, exit 2, before anything is read or written."""
     def need(ok, message):
         if not ok:
             p.error(message)
@@ -150,11 +135,12 @@ def check_inputs(p, args):
     need(args.size >= 32, f"--size {args.size}: must be at least 32 pixels (S-LoFi halves it; the encoder "
          "strides by 32)")
     need(0 <= args.momentum < 1, f"--momentum {args.momentum}: must be in [0, 1)")
-    if args.stage == "plan":
-        return inputs
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    need(args.batch_size % world == 0, f"--batch-size {args.batch_size}: not divisible by the world size {world}")
     if args.stage == "detect":
         need(args.video and Path(args.video).is_file(), f"--video {args.video}: no such video file (detect needs one)")
         need(Path(args.run or args.out, "last.pt").is_file(), f"--run {args.run}: no last.pt of a stage-3 run here")
+    if args.stage in ("plan", "detect"):
         need(args.anno is None or Path(args.anno).is_file(), f"--anno {args.anno}: no such file")
         return inputs
     need(not args.features or args.stage == "head", f"--features: only --stage head trains on precomputed "
@@ -176,8 +162,7 @@ def check_inputs(p, args):
         if args.stage != "acp" and os.environ.get("RANK", "0") == "0":
             print(f"--init {args.init}" + ("" if default.is_file() else f" (no {default}: the encoder starts random)"))
     need(args.init in ("none", "imagenet") or Path(args.init).is_file(), f"--init {args.init}: no such checkpoint file")
-    need(args.video_scores is None or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: "
-         "no such file")
+    need(not args.video_scores or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: no file")
     need(not args.resume or Path(args.out, "last.pt").is_file(), f"--resume: no checkpoint at {args.out}/last.pt")
     try:
         inputs.videos = data.read_annotations(args.anno)[0]
@@ -197,17 +182,12 @@ def check_inputs(p, args):
 # ----------------------------------------------------------------------------- distributed
 def compute_init(args):
     """One process, or one rank of a torchrun job (RANK set): returns (rank, world, device)."""
-    world = int(os.environ.get("WORLD_SIZE", 1))
-    if args.batch_size % world:
-        raise data.BadInput(f"--batch-size {args.batch_size} is not divisible by the world size {world}")
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu")
     if "RANK" in os.environ:
-        rank = int(os.environ["RANK"])
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"])) if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    else:
-        rank, device = 0, torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     return rank, world, device
@@ -218,15 +198,18 @@ def compute_cleanup():
         dist.destroy_process_group()
 
 
+def rank_world():
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
 def print0(*a, **k):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank_world()[0] == 0:
         print(*a, **k, flush=True)
 
 
 def progress(iterable, desc):
     """A tqdm bar on an interactive terminal (rank 0); in a log file nothing: the epoch's line says it."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return tqdm(iterable, desc=desc, leave=False, disable=rank > 0 or not sys.stderr.isatty())
+    return tqdm(iterable, desc=desc, leave=False, disable=rank_world()[0] > 0 or not sys.stderr.isatty())
 
 
 def gather(obj):
@@ -239,10 +222,9 @@ def gather(obj):
 
 
 def agree(failed, reason, where=""):
-    """Every rank learns whether any rank failed (`failed`: a 1-element tensor, > 0 where this rank
-    failed, still on the device) and then all of them stop, naming each failed rank's reason()
-    (called only then). One 1-element all_reduce and one read of it: without it the healthy ranks would
-    wait in their next collective until the process group times out (NCCL: 10 minutes)."""
+    """Stop every rank if any failed (`failed`: a 1-element tensor on the device, > 0 on a failed rank),
+    naming each failed rank's reason(). One small all_reduce and one read: without it the healthy ranks
+    would wait in their next collective until the process group times out (NCCL: 10 minutes)."""
     if dist.is_initialized():
         dist.all_reduce(failed)
     if failed.item():                                  # the one host-device sync
@@ -253,28 +235,22 @@ def agree(failed, reason, where=""):
 
 
 def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext()):
-    """The next batch of `it` and loss_fn(batch) -> (total loss, {term: tensor}) on it, as a training
-    step of fit() runs them. A failure on any rank (the loader, the forward pass, a non-finite loss)
-    stops every rank with the reasons before backward, whose gradient all_reduce a lone healthy rank
-    would wait in. In one process an error keeps its traceback, and a non-finite loss stops the run."""
-    batch, loss, terms, error = None, None, {}, None
+    """The next batch of `it` and loss_fn(batch) -> (total, {term: tensor}), as fit() runs them. A failure
+    on any rank (loading, the forward pass, a non-finite loss) stops every rank before backward, whose
+    gradient all_reduce a lone healthy rank would wait in. In one process an error keeps its traceback."""
+    batch, loss, terms, error, phase = None, None, {}, None, ", loading"
     try:
         batch = next(it)
+        phase = ""
+        with amp:
+            loss, terms = loss_fn(batch)
     except Exception as e:
         if not dist.is_initialized():
             raise
-        error = f"step {step}, loading: {type(e).__name__}: {e}"
-    if error is None:
-        try:
-            with amp:
-                loss, terms = loss_fn(batch)
-        except Exception as e:
-            if not dist.is_initialized():
-                raise
-            error = f"step {step}: {type(e).__name__}: {e}"
-    failed = torch.ones((), device=device) if error else (~torch.isfinite(loss.detach())).float()
-    agree(failed, lambda: error or (None if torch.isfinite(loss) else f"step {step}: FloatingPointError: non-finite loss"),
-          where)
+        error = f"step {step}{phase}: {type(e).__name__}: {e}"
+    finite = error is None and torch.isfinite(loss.detach())                     # a tensor: read only on failure
+    agree(torch.ones((), device=device) if error else (~finite).float(),
+          lambda: error or (None if finite else f"step {step}: FloatingPointError: non-finite loss"), where)
     return batch, loss, terms
 
 
@@ -309,7 +285,7 @@ def load_checkpoint(path):
 
 
 def log_event(args, record):
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if rank_world()[0] == 0:
         with open(Path(args.out) / "log.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
 
@@ -318,15 +294,13 @@ def log_event(args, record):
 def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=None, extra=None, keep=(), split=None,
         on_epoch=None):
     """The one training loop, of every stage and of the lr search: epochs of `sampler` (a data.Batches),
-    load(sampler, epoch) turning its items into batches, loss_fn(batch, epoch, step) -> (total, {term:
-    tensor}), one optimizer step a batch. The terms are summed on the device and read at the epoch's end.
-
-    <out>/last.pt holds `parts` (name -> module), `extra`, the optimizer, the scheduler and the position;
-    rank 0 writes it at every epoch end and every --save-every steps. --resume continues from it at the
-    step it reached (the sampler skips the steps run), if the entries named in `keep` (a fidelity
-    schedule) still match. One JSON line per epoch in <out>/log.jsonl, with what on_epoch(epoch, record)
-    adds. parts None: nothing saved, resumed or logged (the lr search's trial heads)."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    load(sampler, epoch) -> batches, loss_fn(batch, epoch, step) -> (total, {term: tensor}), one optimizer
+    step a batch, the terms summed on the device and read at the epoch's end. <out>/last.pt (rank 0, at
+    epoch ends and every --save-every steps) holds `parts` (name -> module), `extra`, the optimizer, the
+    scheduler and the position; --resume continues at its step if the `keep` entries of extra still match.
+    One JSON line an epoch in <out>/log.jsonl, with what on_epoch(epoch, record) adds. parts None: nothing
+    saved, resumed or logged (the lr search's trial heads)."""
+    rank, world = rank_world()
     path, extra = Path(args.out) / "last.pt", extra or {}
     start, first, partial = 0, 0, {}
     if parts is not None and args.resume:
@@ -337,8 +311,9 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
             if ck.get(key) != extra[key]:
                 raise data.BadInput(f"--resume: {path} ran with {key} {ck.get(key)}, not {extra[key]}")
         if ck["step"] and (ck["args"]["batch_size"], ck["world"]) != (args.batch_size, world):
-            raise data.BadInput(f"--resume: {path} stopped inside an epoch with --batch-size {ck['args']['batch_size']} "
-                                f"on {ck['world']} processes; resume it with the same, not {args.batch_size} on {world}")
+            raise data.BadInput(f"--resume: {path} stopped inside an epoch with --batch-size "
+                                f"{ck['args']['batch_size']} on {ck['world']} processes; resume it with the same, "
+                                f"not {args.batch_size} on {world}")
         for key, module in parts.items():
             module.load_state_dict(ck[key])
         opt.load_state_dict(ck["optimizer"])
@@ -392,7 +367,8 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
         if on_epoch:
             on_epoch(epoch, record)
         if parts is not None:
-            record.update(time=round(time.time() - t0, 2), max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+            record.update(time=round(time.time() - t0, 2),
+                          max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
             print0(json.dumps(record))
             log_event(args, record)
     return raw
@@ -401,12 +377,10 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
 # ----------------------------------------------------------------------------- data
 class Split:
     """A subset's videos that have a file (a feature file with --features), sorted by id, and the record
-    of those that cannot be used. Videos without a file are skipped: one line, and <out>/missing.txt
-    (id, subset). Videos that fail to decode are replaced by the datasets (data.replacing); the batches
-    report them to add(), and flush() (a collective: every rank calls it at the same point) prints the
-    new ones in one line and writes each to log.jsonl (event, id, reason). Either way the run stops once
-    they exceed --max-bad of the subset, and the evaluation still counts them (misses, as the official
-    protocol does)."""
+    of those that cannot be used. Videos without a file are skipped: one line, and <out>/missing.txt. The
+    datasets replace videos that fail to decode (data.replacing); the batches report them to add(), and
+    flush() (a collective) prints the new ones and logs each (event "broken", id, reason). Past --max-bad of
+    the subset the run stops; the evaluation counts them all as misses, as the official protocol does."""
 
     def __init__(self, args, inputs, subset):
         everything = {k: v for k, v in inputs.videos.items() if v.subset == subset}
@@ -424,17 +398,21 @@ class Split:
         self.broken = {e["id"]: e for e in events if e.get("event") == "broken" and e.get("subset") == subset}
         where, listed = args.features or args.store or args.videos, Path(args.out) / "missing.txt"
         if self.missing:
-            if not dist.is_initialized() or dist.get_rank() == 0:      # (a resumed run has written them already)
-                known = set(listed.read_text().splitlines()) if listed.exists() else set()
+            if rank_world()[0] == 0:
+                known = set(listed.read_text().splitlines()) if listed.exists() else set()   # (a resumed run)
                 with open(listed, "a") as f:
                     f.writelines(f"{vid}\t{subset}\n" for vid in self.missing if f"{vid}\t{subset}" not in known)
             print0(f"{len(self.missing)} of {self.total} {subset} videos have no file in {where}, skipped: "
                    f"{', '.join(self.missing[:10])}{' ...' if len(self.missing) > 10 else ''} (all in {listed})")
-            if len(self.missing) > args.max_bad * self.total:
-                raise data.BadInput(f"{len(self.missing)} of {self.total} {subset} videos have no file in {where}, more "
-                                    f"than --max-bad {args.max_bad:g} (wrong folder?); the first: {', '.join(self.missing[:5])}")
+        self.check(f"have no file in {where} (wrong folder?)")
         if not self.videos:
             raise data.BadInput(f"no {subset} video of {args.anno} has a file in {where}")
+
+    def check(self, what="are missing or broken"):
+        bad = sorted(self.missing + list(self.broken))
+        if len(bad) > self.args.max_bad * self.total:
+            raise data.BadInput(f"{len(bad)} of {self.total} {self.subset} videos {what}, more than --max-bad "
+                                f"{self.args.max_bad:g}: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
 
     def add(self, replaced):
         self.pending.extend(replaced)
@@ -443,17 +421,13 @@ class Split:
         new = {r["id"]: r for part in (gather(self.pending) if collective else [self.pending]) for r in part
                if r["id"] not in self.broken}
         self.pending = []
-        if not new:
-            return
-        self.broken.update(new)
-        for r in new.values():
-            log_event(self.args, dict(event="broken", subset=self.subset, where=where, **r))
-        print0(f"{len(new)} {self.subset} video(s) failed to decode {where} and were replaced or skipped: "
-               + "; ".join(f"{r['id']} ({r['reason']})" for r in new.values()))
-        bad = len(self.missing) + len(self.broken)
-        if bad > self.args.max_bad * self.total:
-            raise data.BadInput(f"{bad} of {self.total} {self.subset} videos are missing or broken, more than "
-                                f"--max-bad {self.args.max_bad:g}: " + ", ".join(sorted(self.missing + list(self.broken))))
+        if new:
+            self.broken.update(new)
+            for r in new.values():
+                log_event(self.args, dict(event="broken", subset=self.subset, where=where, **r))
+            print0(f"{len(new)} {self.subset} video(s) failed to decode {where} and were replaced or skipped: "
+                   + "; ".join(f"{r['id']} ({r['reason']})" for r in new.values()))
+            self.check()
 
 
 def fidelity_grid(args):
@@ -500,31 +474,6 @@ def optimizer(args, params, adam_decay, momentum):
 
 
 # ----------------------------------------------------------------------------- models
-def encode(encoder, frames):
-    """Raw snippet features (B, L, D) float32 of frames (B, L, F, 3, H, W) uint8: the stored features."""
-    B, L = frames.shape[:2]
-    return encoder(tsm.normalize(frames.flatten(0, 1))).float().view(B, L, -1)               # (B, L, D)
-
-
-def snippet_features(encoder, frames):
-    """Snippet features (B, D, L) as every stage feeds the head: each snippet's feature layer-normalised
-    without parameters. G-TAD has no normalisation of its own, and the scale of an encoder's features
-    depends on how it was trained (hundreds after ACP from scratch), which saturates its sigmoids."""
-    x = encode(encoder, frames)                                                               # (B, L, D)
-    return F.layer_norm(x, x.shape[-1:]).transpose(1, 2)                                      # (B, D, L)
-
-
-class LoFiNet(nn.Module):
-    """The TAL model of Fig. 1: TSM encoder per snippet, then the G-TAD head over the L snippets."""
-
-    def __init__(self, encoder, head):
-        super().__init__()
-        self.encoder, self.head = encoder, head
-
-    def forward(self, frames):                                        # (B, L, F, 3, H, W) uint8
-        return self.head(snippet_features(self.encoder, frames))      # maps (B, L, L)
-
-
 def build_encoder(args, inputs):
     try:
         encoder, said = tsm.build_encoder(args.depth, args.init, inputs.init, args.checkpoint_encoder)
@@ -551,7 +500,7 @@ def stage_acp(args, inputs, rank, world, device):
         return loader(ds, sampler, args, device)
 
     def loss(batch, epoch, step):
-        ce = F.cross_entropy(model(batch["frames"].to(device, non_blocking=True)).float(), batch["labels"].to(device))
+        ce = F.cross_entropy(model(batch["frames"].to(device)).float(), batch["labels"].to(device))
         return ce, {"loss": ce}
 
     @torch.no_grad()
@@ -575,12 +524,10 @@ def stage_acp(args, inputs, rank, world, device):
         return
     # G-TAD and the paper take their classes from a separate video classifier: with these scores stage 3
     # assigns the same classes on any encoder (baseline or LoFi), and the comparison measures localization.
-    net.eval()
     results = {}
     for batch in in_order(args, inputs, val, device):
         with torch.no_grad(), autocast(args, device):
-            logits = net(batch["frames"][0].to(device)).float()                             # (L, K)
-        results[batch["ids"][0]] = logits.softmax(1).mean(0).tolist()                        # (K,)
+            results[batch["ids"][0]] = net.eval()(batch["frames"][0].to(device)).float().softmax(1).mean(0).tolist()
     val.flush("while scoring videos", collective=False)
     (Path(args.out) / "video_scores.json").write_text(json.dumps({"results": results, "class": classes}))
     print0(f"video-level class scores of {len(results)} validation videos -> {Path(args.out) / 'video_scores.json'}")
@@ -595,7 +542,7 @@ def stage_lofi(args, inputs, rank, world, device):
     configs = {"s": lofis[:1], "t": lofis[1:2], "st": lofis[2:], "full": [full]}.get(args.fidelity, lofis)
     ds = tal_dataset(args, inputs, train.videos)
     encoder = build_encoder(args, inputs)
-    net = LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
+    net = tsm.LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
     if device.type == "cuda":        # NHWC convolutions for the tensor cores (on CPU kept as measured)
         encoder.to(memory_format=torch.channels_last)
     model = ddp(net, device)
@@ -645,7 +592,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
     try:
         for batch in in_order(args, inputs, split, device, todo, max(1, args.batch_size // world), rank, world):
             with autocast(args, device):
-                x = encode(encoder, batch["frames"].to(device)).cpu().numpy()                # (B, L, D)
+                x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()                # (B, L, D)
             for vid, feat in zip(batch["ids"], x):    # (a broken video's stand-in rewrites the same file)
                 with open(folder / f"{vid}.npy.tmp", "wb") as f:
                     np.save(f, feat)                                                         # (L, D)
@@ -656,6 +603,12 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
         error = f"feature extraction: {type(e).__name__}: {e}"
     agree(torch.tensor(float(error is not None), device=device), lambda: error)
     split.flush("while extracting features")
+    lost = [v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]
+    if lost:                                         # broken videos (log.jsonl says why): skipped
+        print0(f"{len(lost)} {split.subset} video(s) without features (they failed to decode): {', '.join(lost)}")
+    split.videos = [v for v in split.videos if v.id not in lost]
+    if not split.videos:
+        raise data.BadInput(f"no {split.subset} video of {args.anno} decodes in {args.store or args.videos}")
     return folder
 
 
@@ -663,11 +616,11 @@ def train_head(args, feats, videos, lr, device, extra=None):
     """A fresh G-TAD head on the fixed (D, L) features of `videos`, batches cut from tensors in memory.
     G-TAD's recipe (spec Sec. 4): Adam, weight decay 1e-4, lr x 0.1 after --lr-step epochs. extra None:
     a trial head of the lr search, nothing saved or logged; else <out>/last.pt holds the head and extra."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    rank, world = rank_world()
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=feats[videos[0].id].shape[0])).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     x = torch.stack([feats[v.id] for v in videos])                                           # (N, D, L)
-    labels = gtad.batch_targets([data.normalised_segments(v) for v in videos], args.snippets, "cpu")   # (N, L) (N, L) (N, L, L)
+    labels = gtad.batch_targets([data.normalised_segments(v) for v in videos], args.snippets, "cpu")  # start, end, iou
     model = ddp(head, device)
 
     def loss(idx, epoch, step):
@@ -683,11 +636,7 @@ def train_head(args, feats, videos, lr, device, extra=None):
 
 
 def detect(args, head, feats, videos, scores):
-    """Detections of `videos`, classes from scores(video) -> (class scores, class names), without the
-    classes absent from their ground truth (the official evaluator refuses them)."""
-    results = {v.id: gtad.detections_for(head, feats[v.id], v.duration, *scores(v), args.nms_sigma, args.top_k)
-               for v in videos}
-    results, dropped = gtad.known_classes_only(results, videos)
+    results, dropped = gtad.detect_videos(head, feats, videos, scores, args.nms_sigma, args.top_k)
     if dropped:
         print0(f"warning: {dropped} detections carry classes absent from the evaluated ground truth; dropped")
     return results
@@ -733,14 +682,8 @@ def stage_head(args, inputs, rank, world, device):
                 tsm.recalibrate_bn(encoder, (b["frames"].flatten(0, 1).to(device) for b in in_order(
                     args, inputs, train, device, [train.videos[i] for i in sorted(pick)])))
             train.flush("while re-estimating BatchNorm")
-        folder = [extract_features(args, inputs, encoder, s, rank, world, device) for s in (train, val)][0]
-        have = {p.stem for p in folder.glob("*.npy")}
-        lost = sorted(v.id for v in train.videos + val.videos if v.id not in have)
-        if lost:                                     # broken videos (log.jsonl says why): skipped
-            print0(f"{len(lost)} video(s) without features (they failed to decode): {', '.join(lost)}")
-        train.videos, val.videos = [v for v in train.videos if v.id in have], [v for v in val.videos if v.id in have]
-        if not train.videos or not val.videos:
-            raise data.BadInput(f"no training or no validation video of {args.anno} decodes in {args.store or args.videos}")
+        for split in (train, val):
+            folder = extract_features(args, inputs, encoder, split, rank, world, device)
     try:
         feats = gtad.read_features(folder, train.videos + val.videos, args.snippets)
     except ValueError as e:
@@ -765,60 +708,45 @@ def stage_head(args, inputs, rank, world, device):
         return (external[0][v.id], external[1]) if external else (gtad.video_class_scores(clf, feats[v.id]), classes)
     out = Path(args.out)
     with open(out / "detections.json", "w") as f:
-        json.dump(dict(version="VERSION 1.3", results=detect(args, head, feats, val.videos, scores), external_data={}), f)
+        json.dump(dict(version="VERSION 1.3", results=detect(args, head, feats, val.videos, scores),
+                       external_data={}), f)
     metrics = evaluate.run_metrics(args.anno, out / "detections.json", out / "metrics.json")
     print0(" | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k[-4:] in ("0.50", "0.75", "0.95", "-mAP")))
 
 
 # ----------------------------------------------------------------------------- utilities
 def training_memory(args, fid, device, checkpoint, amp, snippets):
-    """(memory per video, fixed memory) of a training step at fidelity fid. Memory per video is the
-    marginal cost: the encoder runs on k and 2k snippets (snippets are independent, so it scales exactly
-    by L / k), the head on 1 and 2 videos at the configuration's L. What does not grow with the batch
-    (weights, gradients, bf16 weight copies) is the fixed part."""
-    encoder = tsm.TSM(tsm.TSMConfig(depth=args.depth, checkpoint=checkpoint)).to(device).train()
-    head = gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim)).to(device).train()
-    labels = gtad.batch_targets([torch.tensor([[0.2, 0.5], [0.6, 0.9]])], fid.L, device)
-
-    def encoder_step(n):
-        frames = torch.randint(0, 256, (n, args.frames, 3, fid.H, fid.W), dtype=torch.uint8, device=device)
-        return lambda: encoder(tsm.normalize(frames)).float().square().mean()
-
-    def head_step(b):
-        feats = torch.randn(b, encoder.dim, fid.L, device=device, requires_grad=True)      # (b, D, L)
-        return lambda: gtad.loss(head(feats), *(t.expand(b, *t.shape[1:]) for t in labels))["total"]
-    e1, e2 = (tsm.step_memory(encoder_step(n), list(encoder.parameters()), device, amp) for n in (snippets, 2 * snippets))
-    h1, h2 = (tsm.step_memory(head_step(b), list(head.parameters()), device, amp) for b in (1, 2))
-    per_snippet, per_head = (e2 - e1) / snippets, h2 - h1
-    weights = 2 * sum(p.numel() * p.element_size() for p in [*encoder.parameters(), *head.parameters()])
-    return per_snippet * fid.L + per_head, weights + max(0.0, e1 - per_snippet * snippets) + max(0.0, h1 - per_head)
+    """(bytes per video, fixed bytes) of a training step at fidelity fid: the encoder's cost per snippet
+    (measured on `snippets` of them) times fid.L, plus the head's per video at fid.L."""
+    cfg = tsm.TSMConfig(depth=args.depth, checkpoint=checkpoint)
+    per_snippet, fixed = tsm.snippet_memory(cfg, args.frames, fid.H, fid.W, device, amp, snippets)
+    head = gtad.GTADConfig(feat_dim=2048 if args.depth == 50 else 512)                     # the encoder's D
+    per_video, head_fixed = gtad.video_memory(head, fid.L, device, amp, tsm.step_memory)
+    return per_snippet * fid.L + per_video, fixed + head_fixed
 
 
 def stage_plan(args):
-    """Training memory per video of full fidelity and S, T, ST-LoFi on this device, and with
-    --budget-gb how many videos of each fit a batch there (all four checkpoint x amp variants).
-    Step time and FLOPs: tests/bench/gpu_check.py."""
+    """Training memory per video of full fidelity and S, T, ST-LoFi on this device and, with --budget-gb,
+    how many videos of each fit a batch there, with and without --checkpoint-encoder and --amp."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full, lofis = fidelity_grid(args)
     variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
         [(args.checkpoint_encoder, args.amp)]
-    rows = []
+    snippets = args.plan_snippets or (25 if device.type == "cuda" else 4)
+    rows, ref = [], {}
+    print0(f"device {device}: marginal activation memory of a training step (the encoder on {snippets} and "
+           f"{2 * snippets} snippets, scaled to L; the head at L)\n"
+           "| config | L x H x W | ckpt | amp | MiB / video | x full | fixed MiB | fits |\n" + "|---" * 8 + "|")
     for name, fid in progress([("full", full), *zip(("S", "T", "ST"), lofis)], "plan"):
-        snippets = min(fid.L, args.plan_snippets or (25 if device.type == "cuda" else 4))
         for ckpt, amp in variants:
-            per_video, fixed = training_memory(args, fid, device, ckpt, amp, snippets)
-            rows.append(dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=snippets,
-                             mib_per_video=per_video / 2**20, fixed_mib=fixed / 2**20))
-    print0(f"device {device}: memory per video = marginal activation memory of a training step (encoder on "
-           f"{rows[0]['snippets_run']} and {2 * rows[0]['snippets_run']} snippets, scaled to L; head at L)")
-    print0("| config | L x H x W | ckpt | amp | MiB / video | x full | fixed MiB | fits |\n|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        ref = next(q for q in rows if q["config"] == "full" and (q["checkpoint"], q["amp"]) == (r["checkpoint"], r["amp"]))
-        r["ratio"] = r["mib_per_video"] / ref["mib_per_video"]
-        if args.budget_gb:
-            r["fits"] = max(0, int((args.budget_gb * 1024 - r["fixed_mib"]) // r["mib_per_video"]))
-        print0(f"| {r['config']} | {r['fidelity']} | {r['checkpoint']} | {r['amp']} | {r['mib_per_video']:.0f} | "
-               f"{r['ratio']:.2f} | {r['fixed_mib']:.0f} | {r.get('fits', '-')} |")
+            per_video, fixed = (x / 2**20 for x in training_memory(args, fid, device, ckpt, amp, min(fid.L, snippets)))
+            r = dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=min(fid.L, snippets),
+                     mib_per_video=per_video, fixed_mib=fixed, ratio=per_video / ref.setdefault((ckpt, amp), per_video))
+            if args.budget_gb:
+                r["fits"] = max(0, int((args.budget_gb * 1024 - fixed) // per_video))
+            rows.append(r)
+            print0(f"| {name} | {fid} | {ckpt} | {amp} | {per_video:.0f} | {r['ratio']:.2f} | {fixed:.0f} | "
+                   f"{r.get('fits', '-')} |")
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "plan.json").write_text(json.dumps(rows, indent=1))
     return rows
@@ -826,36 +754,29 @@ def stage_plan(args):
 
 def stage_detect(args):
     """Detections and a timeline picture for one video file, from a stage-3 run folder."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    run = Path(args.run or args.out)
-    ck = load_checkpoint(run / "last.pt")
-    if ck.get("stage") != "head":
-        raise data.BadInput(f"{run / 'last.pt'} is not a stage-3 (head) checkpoint")
-    if ck.get("encoder") is None:
-        raise data.BadInput(f"{run / 'last.pt'}: this head was trained on precomputed features (--features); "
-                            "it has no encoder to turn a video into features")
-    encoder, head = tsm.TSM(tsm.TSMConfig(**ck["encoder_cfg"])), gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"]))
-    clf = gtad.video_classifier(encoder.dim, len(ck["classes"]))
-    for module, key in ((encoder, "encoder"), (head, "head"), (clf, "video_classifier")):
-        module.load_state_dict(ck[key])
+    device, path = torch.device("cuda" if torch.cuda.is_available() else "cpu"), Path(args.run or args.out) / "last.pt"
+    ck = load_checkpoint(path)
+    if ck.get("stage") != "head" or ck.get("encoder") is None:
+        raise data.BadInput(f"{path}: not a stage-3 checkpoint with an encoder (a head trained on precomputed "
+                            "features has none to turn a video into features)")
+    encoder = tsm.build_encoder(init=str(path), ckpt=ck)[0].to(device).eval()
+    head, clf = gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"])), gtad.video_classifier(encoder.dim, len(ck["classes"]))
+    head.load_state_dict(ck["head"])
+    clf.load_state_dict(ck["video_classifier"])
     for k in ("snippets", "frames", "stride", "size", "amp"):     # features as stage 3 made them
         setattr(args, k, ck["args"][k])
-    frames, duration = data.read_snippets(args.video, fidelity_grid(args)[0], args.frames, args.stride)  # (L, F, 3, H, W)
-    encoder, head = encoder.to(device).eval(), head.to(device).eval()
+    frames, duration = data.read_snippets(args.video, fidelity_grid(args)[0], args.frames, args.stride)  # (L,F,3,H,W)
     with torch.no_grad(), autocast(args, device):
-        feat = snippet_features(encoder, frames[None].to(device))[0].float().cpu()       # (D, L)
-    dets = gtad.detections_for(head, feat, duration, gtad.video_class_scores(clf, feat), ck["classes"],
-                               args.nms_sigma, args.top_k)
-    stem = Path(args.video).stem
-    (run / f"detect_{stem}.json").write_text(json.dumps(dict(video=args.video, duration=duration, detections=dets)))
-    truth = []
-    if args.anno:
-        videos, _ = data.read_annotations(args.anno)
-        vid = stem[2:] if stem.startswith("v_") and stem[2:] in videos else stem
-        if vid in videos:
-            truth = [dict(label=lab, segment=list(seg)) for seg, lab in zip(videos[vid].segments, videos[vid].labels)]
-    evaluate.draw_timeline(run / f"detect_{stem}.png", duration, truth, dets[:10])
-    print0(f"{len(dets)} detections -> {run / f'detect_{stem}.json'}, {run / f'detect_{stem}.png'}")
+        feat = tsm.snippet_features(encoder, frames[None].to(device))[0].float().cpu()       # (D, L)
+    dets = gtad.detections_for(head.to(device).eval(), feat, duration, gtad.video_class_scores(clf, feat),
+                               ck["classes"], args.nms_sigma, args.top_k)
+    out = path.parent / f"detect_{Path(args.video).stem}"
+    Path(f"{out}.json").write_text(json.dumps(dict(video=args.video, duration=duration, detections=dets)))
+    videos = data.read_annotations(args.anno)[0] if args.anno else {}
+    v = videos.get(Path(args.video).stem) or videos.get(Path(args.video).stem.removeprefix("v_"))
+    truth = [dict(label=lab, segment=list(seg)) for seg, lab in zip(v.segments, v.labels)] if v else []
+    evaluate.draw_timeline(f"{out}.png", duration, truth, dets[:10])
+    print0(f"{len(dets)} detections -> {out}.json, {out}.png")
     return dets
 
 

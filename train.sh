@@ -157,11 +157,16 @@ run lofi     --stage lofi --out "$OUT/lofi" --init "$INIT" --cycle long         
 run lofi-head --stage head "${SCORES[@]}" --out "$OUT/lofi_head" --init "$OUT/lofi/last.pt"      # (3) head at full fidelity on the LoFi encoder
 
 python - "$OUT" <<'PY'
-import json, sys
+import json, os, sys
+import evaluate
 out = sys.argv[1]
-print("\n| encoder | mAP@0.5 | mAP@0.75 | mAP@0.95 | average |\n|---|---|---|---|---|")
+if os.path.exists(f"{out}/acp/log.jsonl"):
+    print(f"\nstage 1: validation clip accuracy {[json.loads(l) for l in open(f'{out}/acp/log.jsonl')][-1]['val_acc']:.3f}")
+print("\n| encoder | mAP@0.5 | mAP@0.75 | mAP@0.95 | average | proposal AUC |\n|---|---|---|---|---|---|")
 for name, run in (("ACP (baseline)", "baseline"), ("ACP + LoFi", "lofi_head")):
     m = json.load(open(f"{out}/{run}/metrics.json"))
-    print(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in ("mAP@0.50", "mAP@0.75", "mAP@0.95", "average-mAP")) + " |")
+    auc = evaluate.proposal_recall(json.load(open(f"{out}/{run}/args.json"))["anno"], f"{out}/{run}/detections.json")["AUC"]
+    print(f"| {name} | " + " | ".join(f"{100 * m[k]:.2f}" for k in ("mAP@0.50", "mAP@0.75", "mAP@0.95", "average-mAP"))
+          + f" | {auc:.2f} |")
 print("\nwall time per stage: " + ", ".join(f"{n} {s} s" for n, s in (l.split() for l in open(f"{out}/times.txt"))))
 PY

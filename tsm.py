@@ -8,7 +8,7 @@ clip ends), and the pooled per-frame features are averaged into one D-vector per
 Parameter names are torchvision's, with the official `.net.` infix on each shifted conv1,
 so released TSM checkpoints and torchvision weights load through one mapping function.
 
-Used from lofi.py (`build_encoder`, `set_bn_eval`, `recalibrate_bn`). Check a weights file by hand:
+Used from lofi.py (`build_encoder`, `LoFiNet`, `encode`, `recalibrate_bn`, `step_memory`). Check a weights file by hand:
     python tsm.py PATH/TO/weights.pth [--depth 18]
 Tests (CPU, seconds):
     python -m pytest -q tests/test_tsm.py
@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torchvision
 from torch.utils.checkpoint import checkpoint
 
@@ -290,6 +291,31 @@ class ClipNet(nn.Module):
         return self.fc(self.encoder(normalize(frames)))           # (B, K)
 
 
+def encode(encoder, frames):
+    """Raw snippet features (B, L, D) float32 of frames (B, L, F, 3, H, W) uint8 (stage 3 stores these)."""
+    B, L = frames.shape[:2]
+    return encoder(normalize(frames.flatten(0, 1))).float().view(B, L, -1)               # (B, L, D)
+
+
+def snippet_features(encoder, frames):
+    """Snippet features (B, D, L) as every stage feeds the head: each snippet's feature layer-normalised
+    without parameters. G-TAD has no normalisation of its own, and the scale of an encoder's features
+    depends on how it was trained (hundreds after ACP from scratch), which saturates its sigmoids."""
+    x = encode(encoder, frames)                                                               # (B, L, D)
+    return F.layer_norm(x, x.shape[-1:]).transpose(1, 2)                                      # (B, D, L)
+
+
+class LoFiNet(nn.Module):
+    """The TAL model of LoFi's Fig. 1: the encoder on each snippet, then a head (G-TAD) over the L snippets."""
+
+    def __init__(self, encoder, head):
+        super().__init__()
+        self.encoder, self.head = encoder, head
+
+    def forward(self, frames):                                        # (B, L, F, 3, H, W) uint8
+        return self.head(snippet_features(self.encoder, frames))      # maps (B, L, L)
+
+
 def set_bn_eval(model):
     """BatchNorm layers in eval mode (running statistics, no update): for small per-GPU batches."""
     for m in model.modules():
@@ -340,6 +366,20 @@ def step_memory(fn, params, device, amp):
             held = torch.cuda.max_memory_allocated(device) - base
     return held
 
+
+
+def snippet_memory(cfg, frames, H, W, device, amp, k):
+    """(bytes per snippet, fixed bytes) a training step of the encoder holds: the marginal cost of a
+    snippet (the encoder on k and 2k snippets, which are independent), and what does not grow with them
+    (weights and gradients; the bf16 weight copies under amp)."""
+    encoder = TSM(cfg).to(device).train()
+
+    def step(n):
+        x = torch.randint(0, 256, (n, frames, 3, H, W), dtype=torch.uint8, device=device)
+        return lambda: encoder(normalize(x)).float().square().mean()
+    m1, m2 = (step_memory(step(n), [*encoder.parameters()], device, amp) for n in (k, 2 * k))
+    per = (m2 - m1) / k
+    return per, 2 * sum(p.numel() * p.element_size() for p in encoder.parameters()) + max(0.0, m1 - per * k)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Check that a weights file loads into TSM.")

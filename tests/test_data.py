@@ -83,14 +83,14 @@ def test_long_and_short_cycles():
 
 # ----------------------------------------------------------------------------- batch sampler
 def run_sampler(epoch, **kw):
-    s = data.FidelityBatchSampler(**kw)
+    s = data.Batches(**kw)
     s.set_epoch(epoch)
     return list(s), len(s)
 
 
 def test_sampler_across_ranks_and_epochs():
     S, T, ST = configs = data.c_lofi(TINY)
-    kw = dict(num_items=37, batch_size_per_rank=3, configs=configs, cycle="short", c_s=4, world_size=2, seed=5)
+    kw = dict(n=37, per_rank=3, configs=configs, cycle="short", c_s=4, world=2, seed=5)
     # 37 // 6 = 6 steps an epoch; the short cycle counts global steps: epoch 1 runs steps 6..11.
     expected = {0: [S, S, S, S, T, T], 1: [T, T, ST, ST, ST, ST], 2: [S] * 4 + [T] * 2}
     orders = []
@@ -103,23 +103,27 @@ def test_sampler_across_ranks_and_epochs():
         seen = [i for b in b0 + b1 for i, _ in b]
         assert len(set(seen)) == len(seen) == 36                      # disjoint across ranks and steps
         # One rank with the global batch sees exactly the union of the two ranks' batches.
-        single, _ = run_sampler(epoch, **{**kw, "world_size": 1, "batch_size_per_rank": 6})
+        single, _ = run_sampler(epoch, **{**kw, "world": 1, "per_rank": 6})
         assert [sorted(i for i, _ in b) for b in single] == [sorted(i for i, _ in x + y) for x, y in zip(b0, b1)]
         assert run_sampler(epoch, rank=0, **kw)[0] == b0                # reproducible
         orders.append(seen)
     assert orders[0] != orders[1]
     long, _ = run_sampler(4, rank=1, **{**kw, "cycle": "long"})
     assert {f for b in long for _, f in b} == {T}
+    # A resumed epoch skips the steps already run, and continues with the same batches.
+    s = data.Batches(**kw, rank=1)
+    s.set_epoch(1, start_step=4)
+    assert len(s) == 2 and list(s) == run_sampler(1, rank=1, **kw)[0][4:]
 
 
-def test_sampler_evaluation_pads_like_distributed_sampler():
-    kw = dict(num_items=7, batch_size_per_rank=2, configs=[TINY], cycle="long", world_size=2, shuffle=False, drop_last=False)
+def test_sampler_in_order_strides_ranks_without_padding():
+    kw = dict(n=7, per_rank=2, world=2, train=False)
     (b0, n0), (b1, n1) = run_sampler(0, rank=0, **kw), run_sampler(0, rank=1, **kw)
     assert n0 == n1 == 2
-    assert [[i for i, _ in b] for b in b0] == [[0, 1], [4, 5]]
-    assert [[i for i, _ in b] for b in b1] == [[2, 3], [6, 0]]        # padded with a repeat of item 0
-    with pytest.raises(ValueError):
-        data.FidelityBatchSampler(5, 3, [TINY], world_size=2)
+    assert b0 == [[0, 2], [4, 6]] and b1 == [[1, 3], [5]]             # every item once, no repeat
+    assert run_sampler(0, rank=0, **{**kw, "world": 1})[0] == [[0, 1], [2, 3], [4, 5], [6]]
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        data.Batches(5, 3, world=2)                                   # training: not one global batch
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -414,7 +418,7 @@ def test_store_clips_are_the_file_clips_after_the_same_jpeg_round_trip(synth_set
             u = np.random.default_rng([5, 0, k]).random() if train else 0.5           # the dataset's draw
             idx = data.clip_indices(*data.instance_frames(v.segments[j], len(frames), 10), u, 4, 2)
             want = np.stack([jpeg_round_trip(frames[t], (64, 64)) for t in idx])
-            assert np.array_equal(stored[k][0].numpy(), want), (v.id, j, u)
+            assert np.array_equal(stored[k]["frames"].numpy(), want), (v.id, j, u)
             if not train:
                 break
     # Training videos keep whole instances; the others only the centred windows besides the snippets.
@@ -507,10 +511,10 @@ def test_tal_items_and_two_worker_loader(synth_set):
     ref = np.stack([cv2.resize(f, (ST.W, ST.H), interpolation=cv2.INTER_AREA) for f in full])
     np.testing.assert_array_equal(ds[(0, ST)]["frames"].permute(0, 1, 3, 4, 2).reshape(-1, 46, 46, 3).numpy(), ref)
     pickle.loads(pickle.dumps(ds))
-    sampler = data.FidelityBatchSampler(len(ds), 2, data.c_lofi(TINY), "short", c_s=1, seed=1)
+    sampler = data.Batches(len(ds), 2, seed=1, configs=data.c_lofi(TINY), cycle="short", c_s=1)
     loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=2, collate_fn=data.collate)
     batches = list(loader)
-    assert len(batches) == 3 and [b["fidelity"] for b in batches] == data.c_lofi(TINY)
+    assert len(batches) == len(ds) // 2 and [b["fidelity"] for b in batches[:3]] == data.c_lofi(TINY)
     for b, idx in zip(batches, sampler):
         f = b["fidelity"]
         assert b["frames"].shape == (2, f.L, 4, 3, f.H, f.W) and b["durations"].dtype == torch.float64
@@ -539,8 +543,8 @@ def test_broken_videos_are_replaced_by_the_next_with_a_record(synth_set, tmp_pat
     # A clip of a broken video: the next clip that decodes, with the record.
     train = [videos[i] for i in ids]
     clips = data.ClipDataset(train, tmp_path, data.class_names(train), 4, 2, size=(32, 32), train=False)
-    frames, label, replaced = clips[0]
-    assert {r["id"] for r in replaced} == set(ids[:2]) and frames.shape == (4, 3, 32, 32)
+    clip = clips[0]
+    assert {r["id"] for r in clip["replaced"]} == set(ids[:2]) and clip["frames"].shape == (4, 3, 32, 32)
     (tmp_path / f"{ids[3]}.mp4").unlink()                                                 # missing: refused up front
     with pytest.raises(data.BadInput, match=f"{ids[3]}: no video file"):
         data.TALDataset([videos[i] for i in ids], tmp_path, 4, 2, full=TINY)
@@ -551,21 +555,21 @@ def test_clip_dataset(synth_set):
     classes = data.class_names(videos)
     train = data.ClipDataset(videos, synth_set / "videos", classes, 4, 2, size=(32, 32), train=True, seed=0)
     assert len(train) == sum(len(v.segments) for v in videos.values())
-    frames, label, replaced = train[0]
+    frames, label, replaced = (train[0][k] for k in ("frames", "label", "replaced"))
     assert frames.shape == (4, 3, 32, 32) and frames.dtype == torch.uint8 and replaced == []
-    batch_frames, batch_labels, batch_replaced = train.collate([train[0], train[1]])
-    assert batch_frames.shape == (2, 4, 3, 32, 32) and batch_labels.tolist() == [label, train[1][1]]
-    assert batch_replaced == []
+    batch = data.collate([train[0], train[1]])
+    assert batch["frames"].shape == (2, 4, 3, 32, 32) and batch["labels"].tolist() == [label, train[1]["label"]]
+    assert batch["replaced"] == [] and batch["ids"] == [train[0]["id"], train[1]["id"]]
     assert classes[label] == train.videos[train.items[0][0]].labels[train.items[0][1]]
     draws = []
     for epoch in (0, 0, 1):
         train.set_epoch(epoch)
-        draws.append(torch.stack([train[k][0] for k in range(len(train))]))
+        draws.append(torch.stack([train[k]["frames"] for k in range(len(train))]))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     val = data.ClipDataset(videos, synth_set / "videos", classes, 4, 2, size=(32, 32), train=False)
     val.set_epoch(3)
-    first = val[0][0]
+    first = val[0]["frames"]
     val.set_epoch(0)
-    assert torch.equal(first, val[0][0])
+    assert torch.equal(first, val[0]["frames"])
     with pytest.raises(ValueError, match="not a training class"):
         data.ClipDataset(videos, synth_set / "videos", classes[:1], 4, 2)

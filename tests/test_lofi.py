@@ -18,6 +18,7 @@ import torch
 import data
 import gtad
 import lofi
+import tsm
 from conftest import ROOT
 
 # Small enough for seconds a stage on a CPU: 12 snippets x 2 frames x 32^2 at full fidelity.
@@ -115,7 +116,7 @@ def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     args, inputs = lofi.get_args(argv)
     torch.manual_seed(args.seed)                      # rank 0's initial weights, which DDP broadcasts
-    net = lofi.LoFiNet(enc := lofi.build_encoder(args, inputs), gtad.GTAD(gtad.GTADConfig(feat_dim=enc.dim)))
+    net = tsm.LoFiNet(enc := lofi.build_encoder(args, inputs), gtad.GTAD(gtad.GTADConfig(feat_dim=enc.dim)))
     net.train()
     lofi.tsm.set_bn_eval(net)
     ds = lofi.tal_dataset(args, inputs, lofi.Split(args, inputs, "training").videos)
@@ -317,6 +318,7 @@ RANK_SCRIPT = """
 import contextlib, os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import lofi
+import tsm
 dist.init_process_group("gloo")
 rank, phase = dist.get_rank(), sys.argv[2]
 torch.manual_seed(0)
@@ -383,7 +385,8 @@ def kill_tree(pid):
             os.kill(p, signal.SIGKILL)
 
 
-@pytest.mark.parametrize("stage, nproc", [("lofi", 1), ("lofi", 2), ("acp", 1)])
+# One loop trains every stage: stage 1 in one process and stage 2 under torchrun cover its resume.
+@pytest.mark.parametrize("stage, nproc", [("lofi", 2), ("acp", 1)])
 def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, stage, nproc):
     """--save-every 1; SIGKILL the run (torchrun and its ranks) once a mid-epoch checkpoint exists;
     --resume must end with the weights, optimizer state and logged losses of an uninterrupted run."""
@@ -436,19 +439,19 @@ def test_killed_feature_extraction_resumes_from_its_files(synth, tmp_path, monke
     the next run computes only the other videos, and every file equals an uninterrupted run's."""
     argv = ["--stage", "head", *SMALL, *synth, "--epochs", "1", "--batch-size", "1"]
     lofi.main([*argv, "--out", str(tmp_path / "straight")])
-    real, calls = lofi.encode, []
+    real, calls = tsm.encode, []
 
     def dies_after_4(encoder, frames):
         if len(calls) == 4:
             raise KeyboardInterrupt("killed")
         calls.append(frames.shape[0])
         return real(encoder, frames)
-    monkeypatch.setattr(lofi, "encode", dies_after_4)
+    monkeypatch.setattr(tsm, "encode", dies_after_4)
     with pytest.raises(KeyboardInterrupt):
         lofi.main([*argv, "--out", str(tmp_path / "killed")])
     assert len(list((tmp_path / "killed" / "features").glob("*.npy"))) == 4
     calls.clear()
-    monkeypatch.setattr(lofi, "encode", lambda e, f: calls.append(f.shape[0]) or real(e, f))
+    monkeypatch.setattr(tsm, "encode", lambda e, f: calls.append(f.shape[0]) or real(e, f))
     lofi.main([*argv, "--out", str(tmp_path / "killed")])
     a, b = (sorted((tmp_path / d / "features").glob("*.npy")) for d in ("straight", "killed"))
     assert len(calls) == len(a) - 4 == 4 and [f.name for f in a] == [f.name for f in b]
