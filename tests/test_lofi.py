@@ -305,7 +305,7 @@ def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_
     lofi.main(["--stage", "head", *argv, "--out", str(tmp_path / "head"), "--epochs", "1", "--max-bad", "0.3",
                "--init", str(tmp_path / "lofi" / "last.pt")])
     said = capsys.readouterr().out
-    assert f"2 video(s) without features (they failed to decode): {', '.join(sorted([bad['cut'], bad['empty']]))}" in said
+    assert f"2 training video(s) without features (they failed to decode): {', '.join(sorted([bad['cut'], bad['empty']]))}" in said
     assert "1 of 4 validation videos have no file or failed to decode" in said
     dets = json.load(open(tmp_path / "head" / "detections.json"))["results"]
     assert len(dets) == 3 and bad["val_gone"] not in dets
