@@ -5,32 +5,32 @@
     python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--deep]
     python data.py prepare --anno A.json --videos DIR --store S --preset paper   # then lofi.py --store S
 
-A video is L snippets, each of F frames at a stride inside a window of F * stride frames. Frames come
-from video files (decoded at full resolution, lower fidelities resized from them) or from a frame store
-(`prepare`: each video decoded once, the frames any stage can ask for kept as full-size JPEGs).
+A video is L snippets, each of F frames at a stride inside a window of F * stride frames (Sec. 3: 64 frames
+at stride 8). Frames come from video files (decoded at full resolution, lower fidelities resized from them)
+or from a frame store (`prepare`: each video decoded once, the frames any stage can ask for kept as JPEGs).
 """
 import argparse
 import json
 import math
 import multiprocessing
 import os
-import sys
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
+from functools import partial
+from itertools import chain
 from pathlib import Path
 
 import cv2
 import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 EXTENSIONS = ("mp4", "mkv", "webm", "avi")
 TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
 SYNTH_CLASSES = ("circular", "horizontal", "vertical")
-# Decoding pools start fresh interpreters: a fork of a process whose OpenCV or torch threads hold a lock
-# (any caller that decoded or trained before) can hang in the child.
-SPAWN = multiprocessing.get_context("spawn")
+REPLACE_TRIES = 16    # broken videos in a row before an item gives up (--max-bad has long stopped the run)
 
 
 class BadInput(ValueError):
@@ -47,12 +47,11 @@ class Parser(argparse.ArgumentParser):
 def _checked(parse, ok, what):
     def check(text):
         try:
-            value = parse(text)
+            if ok(value := parse(text)):
+                return value
         except ValueError:
-            value = None
-        if value is None or not ok(value):
-            raise argparse.ArgumentTypeError(f"{text}: must be {what}")
-        return value
+            pass
+        raise argparse.ArgumentTypeError(f"{text}: must be {what}")
     check.__name__ = what.replace(" ", "_")             # (argparse names the type in some messages)
     return check
 
@@ -83,16 +82,9 @@ def _reduce(full, r_t=1.0, r_s=1.0):
     return Fidelity(max(1, int(full.L / r_t + 0.5)), even(full.H / r_s), even(full.W / r_s))
 
 
-def s_lofi(full):
-    return _reduce(full, r_s=2)                      # Eq. (2): L x H/r_s x W/r_s
-
-
-def t_lofi(full):
-    return _reduce(full, r_t=4)                      # Eq. (3): L/r_t x H x W
-
-
-def st_lofi(full):
-    return _reduce(full, r_t=2, r_s=math.sqrt(2))    # Eq. (4): both, with a smaller reduction each
+s_lofi = partial(_reduce, r_s=2)                     # Eq. (2): L x H/r_s x W/r_s        (Sec. 4.3: r_s = 2)
+t_lofi = partial(_reduce, r_t=4)                     # Eq. (3): L/r_t x H x W            (r_t = 4)
+st_lofi = partial(_reduce, r_t=2, r_s=math.sqrt(2))  # Eq. (4): both, a smaller reduction each
 
 
 def c_lofi(full):
@@ -101,13 +93,11 @@ def c_lofi(full):
 
 
 def fidelity_at(configs, cycle, epoch, step, c_l=1, c_s=16):
-    """A batch's configuration: every c_l epochs (long cycle) or c_s batches (short; `step` counts batches
-    from the start of training, so small epochs still visit S, T and ST) the next one."""
-    if cycle == "long":
-        return configs[(epoch // c_l) % len(configs)]
-    if cycle == "short":
-        return configs[(step // c_s) % len(configs)]
-    raise ValueError(f"cycle must be 'long' or 'short', not {cycle!r}")
+    """A batch's configuration: the next one every c_l epochs (long cycle) or c_s batches (short; `step`
+    counts batches from the start of training, so small epochs still visit S, T and ST)."""
+    if cycle not in ("long", "short"):
+        raise ValueError(f"cycle must be 'long' or 'short', not {cycle!r}")
+    return configs[(epoch // c_l if cycle == "long" else step // c_s) % len(configs)]
 
 
 # ----------------------------------------------------------------------------- annotations
@@ -121,8 +111,8 @@ class Video:
 
 
 def read_annotations(path, subset=None):
-    """ActivityNet-1.3 / HACS JSON -> (dict id -> Video, report). Segments are clipped to [0, duration];
-    those left empty are dropped; both are counted and listed in report['problems']."""
+    """ActivityNet-1.3 / HACS JSON -> (dict id -> Video, report); segments are clipped to [0, duration], the
+    empty ones dropped, and both counted and listed in report['problems']."""
     try:
         entries = json.loads(Path(path).read_text())["database"].items()
     except OSError as e:
@@ -131,10 +121,9 @@ def read_annotations(path, subset=None):
         raise BadInput(f"{path}: not valid JSON ({e})") from None
     except (KeyError, TypeError, AttributeError):
         raise BadInput(f"{path}: no 'database' mapping (ActivityNet / HACS layout expected)") from None
-    videos, report = {}, dict(videos=0, segments=0, clipped=0, dropped=0, problems=[])
+    videos, problems = {}, []
     for raw_id, entry in entries:
-        # YouTube ids are 11 characters; a 13-character 'v_...' is the file-name prefix (two real
-        # ActivityNet ids, e.g. 'v_UmAH95xls', start with 'v_' and are kept whole).
+        # 'v_' + an 11-character YouTube id is the file-name prefix; real ids like 'v_UmAH95xls' stay whole.
         vid = raw_id[2:] if raw_id.startswith("v_") and len(raw_id) == 13 else raw_id
         try:
             if subset is not None and entry.get("subset") != subset:
@@ -154,15 +143,13 @@ def read_annotations(path, subset=None):
         for (s, e), k, m in zip(segs, keep, moved):
             if m or not k:
                 what = "runs outside" if k else "is empty inside"
-                report["problems"].append(f"{vid}: segment [{s:.2f}, {e:.2f}] {what} [0, {duration}] s, "
-                                          + ("clipped" if k else "dropped"))
-        report["clipped"] += int((moved & keep).sum())
-        report["dropped"] += int((~keep).sum())
-        report["segments"] += int(keep.sum())
-        kept_labels = [label for label, k in zip(labels, keep) if k]
-        videos[vid] = Video(vid, entry.get("subset", ""), duration, inside[keep], kept_labels)
-    report["videos"] = len(videos)
-    return videos, report
+                problems.append(f"{vid}: segment [{s:.2f}, {e:.2f}] {what} [0, {duration}] s, "
+                                + ("clipped" if k else "dropped"))
+        labels = [label for label, k in zip(labels, keep) if k]
+        videos[vid] = Video(vid, entry.get("subset", ""), duration, inside[keep], labels)
+    count = lambda outcome: sum(p.endswith(outcome) for p in problems)
+    return videos, dict(videos=len(videos), segments=sum(len(v.segments) for v in videos.values()),
+                        clipped=count("clipped"), dropped=count("dropped"), problems=problems)
 
 
 def class_names(videos):
@@ -177,17 +164,14 @@ class VideoError(RuntimeError):
 
 
 def video_files(video_dir):
-    """One listing of a video folder (not a stat a name) -> dict id -> path; <id>.<ext> before v_<id>.<ext>."""
+    """One listing of a folder (no stat a name) -> dict id -> path: <id>.<ext> before v_<id>.<ext>, EXTENSIONS order."""
     found = {}
-    for name in sorted(os.listdir(video_dir)):
+    for name in os.listdir(video_dir):
         stem, _, ext = name.rpartition(".")
-        if ext not in EXTENSIONS:
-            continue
-        for vid, prefixed in [(stem, 0)] + ([(stem[2:], 1)] if stem.startswith("v_") else []):
-            key = (prefixed, EXTENSIONS.index(ext))
-            if vid not in found or key < found[vid][0]:
-                found[vid] = (key, Path(video_dir) / name)
-    return {vid: path for vid, (_, path) in found.items()}
+        if ext in EXTENSIONS:
+            for vid, prefixed in [(stem, 0)] + ([(stem[2:], 1)] if stem.startswith("v_") else []):
+                found.setdefault(vid, []).append(((prefixed, EXTENSIONS.index(ext)), Path(video_dir) / name))
+    return {vid: min(candidates)[1] for vid, candidates in found.items()}
 
 
 def worker_init(_):
@@ -197,7 +181,7 @@ def worker_init(_):
 
 def open_video(path):
     """-> (cv2.VideoCapture, frame count, fps) as the container states them."""
-    # One FFmpeg thread: the DataLoader workers are the parallelism (README of tests/bench: threads cost).
+    # One FFmpeg thread: the workers are the parallelism (tests/bench/README.md: what threads cost).
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV/FFmpeg cannot open it (not a video, truncated, or an unknown codec)")
@@ -213,7 +197,7 @@ def _mismatch(seconds, expected):
 
 
 def fit_frame(img, size):
-    """Centre-crop to the aspect of H x W, then scale: a large reduction first by an integer block average."""
+    """Centre-crop to the aspect of H x W, then scale; a large reduction first by a (fast) integer block average."""
     (H, W), (h, w) = size, img.shape[:2]
     s = min(h / H, w / W)                                   # source pixels per target pixel
     k = max(1, int(s))
@@ -227,36 +211,15 @@ def fit_frame(img, size):
     return img
 
 
-def read_frames(cap, wanted, size, pos=0, put=None):
-    """Frames at sorted unique indices in one pass from frame `pos` (grab() skips, retrieve() converts) ->
-    ((K, 3, H, W) RGB uint8, None), or (None, frames in the stream) if it ends first. put(j, BGR frame):
-    take each frame as it comes instead."""
-    out = None if put else np.empty((len(wanted), 3, *size), np.uint8)                  # (K, 3, H, W)
-    for j, t in enumerate(wanted):
-        while pos <= t:
-            if not cap.grab():
-                return None, pos
-            pos += 1
-        ok, img = cap.retrieve()
-        if not ok:
-            return None, pos - 1
-        if put:
-            put(j, fit_frame(img, size))
-        else:
-            out[j] = fit_frame(img, size).transpose(2, 0, 1)[::-1]      # channels first, BGR -> RGB
-    return out, None
-
-
 def landed(cap, fps):
     """The number of the frame just grabbed, from its timestamp (OpenCV's counter says where a seek aimed)."""
     return round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000)
 
 
 def seek(path, cap, fps, frame):
-    """Seek to `frame` -> (capture, position for read_frames); where the container cannot seek exactly
-    (checked by timestamp), the file is reopened at frame 0."""
+    """Seek to `frame` -> (capture, the frame grab() decodes next); a seek that misses (timestamp) reopens at 0."""
     if frame > 0 and cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and cap.grab() and landed(cap, fps) == frame:
-        return cap, frame + 1                        # `frame` is grabbed: read_frames retrieves it first
+        return cap, frame + 1                        # `frame` is grabbed: retrieve() converts it
     cap.release()
     return open_video(path)[0], 0
 
@@ -269,25 +232,36 @@ def at_indices(frames, idx, wanted, inverse):
 
 
 def read_video(path, index_fn, size, seek_first=False, put=None):
-    """The frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W), n, fps). seek_first:
-    jump to the first (a clip late in a long video); put: read_frames' sink. A stream that ends before the
-    container's count, within the duration tolerance, is read again with indices from the true count."""
+    """The frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W) RGB uint8, n, fps), in one
+    sequential pass. seek_first: jump to the first (a clip late in a long video); put(j, BGR frame): take each
+    as it comes instead (frames None). A stream that ends before the container's count n, within the
+    duration tolerance, is read again with indices from the true count."""
     cap, n, fps = open_video(path)
     try:
         for attempt in range(2):
             idx = np.asarray(index_fn(n, fps))
             wanted, inverse = np.unique(idx, return_inverse=True)
             cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
-            frames, true_n = read_frames(cap, wanted, size, pos, put)
-            if true_n is None:
-                return (None if put else at_indices(frames, idx, wanted, inverse)), n, fps
+            out = None if put else np.empty((len(wanted), 3, *size), np.uint8)             # (K, 3, H, W)
+            for j, t in enumerate(wanted):               # grab() skips, retrieve() converts only these
+                while pos <= t and cap.grab():
+                    pos += 1
+                ok, img = cap.retrieve() if pos > t else (False, None)
+                if not ok:
+                    break
+                if put:
+                    put(j, fit_frame(img, size))
+                else:
+                    out[j] = fit_frame(img, size).transpose(2, 0, 1)[::-1]          # channels first, BGR -> RGB
+            else:
+                return (None if put else at_indices(out, idx, wanted, inverse)), n, fps
+            true_n = min(pos, t)             # frames in the stream: grab() failed at pos, or retrieve() at t
             if true_n == 0:
                 raise VideoError(f"{path}: no frame decodes")
             if attempt or _mismatch(true_n / fps, n / fps):
                 raise VideoError(f"{path}: stream ends at frame {true_n}, the container states {n} "
                                  "(truncated or corrupt)")
-            # Indices past the true end must not become other frames: recompute them from the true count.
-            n = true_n
+            n = true_n                   # indices past the true end must not become other frames
             cap.release()
             cap = open_video(path)[0]
     finally:
@@ -295,9 +269,8 @@ def read_video(path, index_fn, size, seek_first=False, put=None):
 
 
 def snippet_indices(num_frames, L, F=8, stride=8):
-    """Frame indices (L, F) int64 of L snippets evenly covering the video: window i centred at
-    (i + 0.5) * num_frames / L, frame f at centre - F * stride / 2 + stride * (f + 0.5), floored, clipped
-    (short videos repeat frames; the stride, the motion scale, never changes)."""
+    """Frame indices (L, F) int64 of L snippets evenly covering the video (window i centred at (i + 0.5) n / L),
+    clipped: short videos repeat frames, but the stride, the motion scale, never changes."""
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got {num_frames}")
     i, f = np.arange(L, dtype=np.int64)[:, None], np.arange(F, dtype=np.int64)[None, :]
@@ -307,8 +280,7 @@ def snippet_indices(num_frames, L, F=8, stride=8):
 
 
 def clip_indices(first, end, u, F, stride):
-    """F frames at a stride in the instance [first, end): window centred at the instance centre
-    shifted by (u - 0.5) times the room left; instances shorter than the window repeat frames."""
+    """F frames at a stride in the instance [first, end): centred, shifted by (u - 0.5) times the room left."""
     centre = (first + end) / 2 + (u - 0.5) * max(0, end - first - F * stride)
     idx = np.floor(centre - F * stride / 2 + stride * (np.arange(F) + 0.5)).astype(np.int64)   # (F,)
     return np.clip(idx, first, end - 1)
@@ -335,7 +307,8 @@ def read_snippets(path, full, F=8, stride=8):
 GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
             "tiny": dict(snippets=32, frames=4, stride=2, size=64)}
 JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]   # (4:2:0 colour, as in the source videos; README: size, feature cosine)
-REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4, 8: cv2.IMREAD_REDUCED_COLOR_8}
+REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
+           8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
 def instance_frames(segment, n, fps):
@@ -345,8 +318,8 @@ def instance_frames(segment, n, fps):
 
 
 def stored_frames(video, n, fps, geometry):
-    """The frames `prepare` keeps -> sorted unique indices: every snippet frame at each L of full, S, T
-    and ST fidelity, and what stage 1 can draw (training: every instance frame; else centred windows)."""
+    """The frames `prepare` keeps -> sorted unique indices: every snippet frame at each L of full, S, T and ST
+    fidelity, and what stage 1 can draw (training: every instance frame, as from the files; else centred)."""
     F, stride, full = geometry["frames"], geometry["stride"], Fidelity(geometry["snippets"], 1, 1)
     parts = [snippet_indices(n, L, F, stride).ravel() for L in {c.L for c in [full, *c_lofi(full)]}]
     for s in video.segments:
@@ -355,38 +328,22 @@ def stored_frames(video, n, fps, geometry):
     return np.unique(np.concatenate(parts))
 
 
-def decode_jpeg(buf, stored, size):
-    """JPEG bytes of a stored (h, w) frame -> (3, H, W) RGB uint8: libjpeg's 1/2, 1/4 or 1/8-scale decode,
-    then one bilinear resize of less than 2x (where bilinear skips no pixel)."""
-    (h, w), (H, W) = stored, size
-    r = max(r for r in REDUCED if h // r >= H and w // r >= W) if h >= H and w >= W else 1
-    img = cv2.imdecode(np.frombuffer(buf, np.uint8), REDUCED[r])
-    if img is None:
-        raise ValueError("not a JPEG image")
-    if img.shape[:2] != (H, W):
-        img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)
-    return img.transpose(2, 0, 1)[::-1]                                  # channels first, BGR -> RGB
-
-
 class FrameStore:
     """A folder `prepare` wrote: decoded once, any fidelity read without touching a video file.
 
     store.json       the geometry, JPEG quality and clip positions it was prepared for
-    manifest.jsonl   a line per video and attempt (id, frames, fps, duration, stored, bytes, error);
-                     an id's last line counts
+    manifest.jsonl   a line per video and attempt (id, frames, fps, duration, stored, bytes, error); the last counts
     <id>.jpg         its stored frames (`stored_frames`) at full H x W, JPEGs back to back
-    <id>.idx.npy     (K, 3) int64: frame number, byte offset, byte length; written after <id>.jpg,
-                     so its presence means the video is complete
+    <id>.idx.npy     (K, 3) int64 frame number, byte offset, byte length; written last: the video is complete
     """
 
     def __init__(self, root):
-        self.root = Path(root)
+        self.root, self.records = Path(root), {}
         try:
             self.config = json.loads((self.root / "store.json").read_text())
             lines = (self.root / "manifest.jsonl").read_text().splitlines()
         except (OSError, ValueError) as e:
             raise BadInput(f"{root}: not a frame store ({e}); make one with `python data.py prepare`") from None
-        self.records = {}
         for line in lines:
             try:
                 r = json.loads(line)
@@ -406,55 +363,70 @@ class FrameStore:
         return None if have == want else f"prepared for {have}, this run needs {want}: prepare a store for it"
 
     def read(self, vid, index_fn, size):
-        """The frames index_fn(num_frames, fps) asks for, at H x W -> (*idx.shape, 3, H, W) uint8."""
-        r, side = self.records[vid], self.config["size"]
+        """The frames index_fn(num_frames, fps) asks for, at H x W -> (*idx.shape, 3, H, W) RGB uint8."""
+        r, side, jpg, (H, W) = self.records[vid], self.config["size"], self.root / f"{vid}.jpg", size
         idx = np.asarray(index_fn(r["frames"], r["fps"]))
         wanted, inverse = np.unique(idx, return_inverse=True)
-        jpg = self.root / f"{vid}.jpg"
         index = np.load(self.root / f"{vid}.idx.npy")                                          # (K, 3)
-        rows = np.searchsorted(index[:, 0], wanted)
-        if rows.max() >= len(index) or not np.array_equal(index[rows, 0], wanted):
-            raise VideoError(f"{jpg}: frames {sorted(set(wanted.tolist()) - set(index[:, 0].tolist()))[:5]} are not "
-                             "in the store (prepared for another geometry or annotation file?)")
-        out = np.empty((len(wanted), 3, *size), np.uint8)
+        absent = np.setdiff1d(wanted, index[:, 0])
+        if len(absent):
+            raise VideoError(f"{jpg}: frames {absent[:5].tolist()} are not in the store (prepared for another "
+                             "geometry or annotation file?)")
+        # libjpeg decodes at 1/2, 1/4 or 1/8 scale for the cost of that size (S-LoFi's 112^2 from 224^2); the
+        # bilinear resize left is less than 2x, where it skips no pixel (INTER_AREA: 6x its 0.05 ms a frame).
+        reduced = max(k for k in REDUCED if side // k >= max(H, W)) if side >= max(H, W) else 1
+        out = np.empty((len(wanted), 3, H, W), np.uint8)                                     # (K, 3, H, W)
         with open(jpg, "rb") as f:
-            for j, (_, offset, length) in enumerate(index[rows]):
+            for j, (_, offset, length) in enumerate(index[np.searchsorted(index[:, 0], wanted)]):
                 f.seek(offset)
                 try:
                     buf = f.read(length)
                     if len(buf) != length:
                         raise ValueError(f"the file ends {length - len(buf)} bytes early")
-                    out[j] = decode_jpeg(buf, (side, side), size)
+                    img = cv2.imdecode(np.frombuffer(buf, np.uint8), REDUCED[reduced])
+                    if img is None:
+                        raise ValueError("not a JPEG image")
                 except (ValueError, cv2.error) as e:
                     raise VideoError(f"{jpg}: frame {wanted[j]} does not decode ({e}); prepare it again") from None
+                if img.shape[:2] != (H, W):
+                    img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)
+                out[j] = img.transpose(2, 0, 1)[::-1]                          # channels first, BGR -> RGB
         return at_indices(out, idx, wanted, inverse)
 
 
-def _record(vid, error=None):
-    """A video's manifest line, before (or without) its frames."""
-    return dict(id=vid, frames=None, fps=None, duration=None, stored=0, bytes=0, error=error)
+def _atomic_save(path, write):
+    """write(file) to a temporary file, then rename it: workers and ranks never see half a file."""
+    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)                  # a failed write leaves nothing behind
+
+
+def _record(vid, error=None, **decoded):
+    empty = dict(id=vid, frames=None, fps=None, duration=None, stored=0, bytes=0)
+    return dict(empty, **decoded, error=error)
 
 
 def _prepare_one(job):
     """One video into the store (in a worker process) -> its manifest record."""
     video, path, root, geometry = job
-    record = _record(video.id)
-    try:
-        side = geometry["size"]
-        blobs = {}                                   # j -> JPEG; a second pass (stream shorter) overwrites
+    blobs, side = {}, geometry["size"]               # j -> JPEG; a second pass (stream shorter) overwrites
 
-        def put(j, frame):
-            blobs[j] = cv2.imencode(".jpg", frame, JPEG)[1]
+    def put(j, frame):
+        blobs[j] = cv2.imencode(".jpg", frame, JPEG)[1]
+    try:
         _, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side), put=put)
-        wanted = stored_frames(video, n, fps, geometry)
-        blobs = [blobs[j] for j in range(len(wanted))]
     except VideoError as e:
-        return dict(record, error=str(e))
-    lengths = np.array([len(b) for b in blobs], np.int64)
+        return _record(video.id, str(e))
+    wanted = stored_frames(video, n, fps, geometry)
+    lengths = np.array([len(blobs[j]) for j in range(len(wanted))], np.int64)
     index = np.stack([wanted, np.cumsum(lengths) - lengths, lengths], 1)                      # (K, 3)
-    _atomic_save(root / f"{video.id}.jpg", lambda f: [f.write(b.tobytes()) for b in blobs])
+    _atomic_save(root / f"{video.id}.jpg", lambda f: [f.write(blobs[j].tobytes()) for j in range(len(wanted))])
     _atomic_save(root / f"{video.id}.idx.npy", lambda f: np.save(f, index))   # last: the video is complete
-    return dict(record, frames=n, fps=fps, duration=n / fps, stored=len(blobs), bytes=int(lengths.sum()))
+    return _record(video.id, frames=n, fps=fps, duration=n / fps, stored=len(wanted), bytes=int(lengths.sum()))
 
 
 def _unordered(fn, jobs, workers):
@@ -462,7 +434,8 @@ def _unordered(fn, jobs, workers):
     if workers == 1:
         yield from map(fn, jobs)
         return
-    pool = ProcessPoolExecutor(workers, SPAWN, initializer=worker_init, initargs=(0,))
+    # Fresh interpreters: a fork of a process whose OpenCV or torch threads hold a lock can hang in the child.
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=worker_init, initargs=(0,))
     try:
         for future in as_completed([pool.submit(fn, job) for job in jobs]):
             yield future.result()
@@ -471,9 +444,8 @@ def _unordered(fn, jobs, workers):
 
 
 def prepare(anno, video_dir, root, geometry, workers=1):
-    """Decode every annotated video once, sequentially, `workers` videos in parallel, into a FrameStore
-    at `root`. A rerun (after a kill, or new downloads) does only the videos not yet stored.
-    -> (stored, failed, missing, frames, bytes) over the whole annotation file."""
+    """Decode every annotated video once, `workers` in parallel, into a FrameStore at `root`; a rerun does only
+    the videos not yet stored. -> (stored, failed, missing, frames, bytes) over the whole annotation file."""
     root, videos = Path(root), read_annotations(anno)[0]
     config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
     if (root / "store.json").exists():
@@ -483,17 +455,13 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     else:                # a new store; a folder holding only a manifest is one whose start was killed
         if root.exists() and (not root.is_dir() or {p.name for p in root.iterdir()} - {"manifest.jsonl"}):
             raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
-        try:
-            root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"--store {root}: cannot create it ({e.strerror})") from None
+        root.mkdir(parents=True, exist_ok=True)
         (root / "manifest.jsonl").touch()
         _atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
-    done = FrameStore(root).ready()
-    files = video_files(video_dir)
+    done, files = FrameStore(root).ready(), video_files(video_dir)
     todo = [videos[k] for k in sorted(videos) if k not in done]
     jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
-    gone = [_record(v.id, error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
+    gone = [_record(v.id, f"missing: no file in {video_dir}") for v in todo if v.id not in files]
     if done:
         print(f"{len(done)} videos already in {root}; {len(jobs)} to decode")
     decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None, dynamic_ncols=True)
@@ -502,22 +470,19 @@ def prepare(anno, video_dir, root, geometry, workers=1):
             manifest.seek(-1, os.SEEK_END)
             if manifest.read(1) != b"\n":
                 manifest.write(b"\n")               # a line cut by a kill stays alone (and is ignored)
-        manifest.writelines((json.dumps(record) + "\n").encode() for record in gone)
-        for record in decoded:
+        for record in chain(gone, decoded):
             manifest.write((json.dumps(record) + "\n").encode())
             manifest.flush()                         # each finished video survives a kill
-    records = FrameStore(root).records
-    final = [records[k] for k in videos if k in records]
-    missing = sum(r["error"] is not None and r["error"].startswith("missing") for r in final)
-    failed = sum(r["error"] is not None for r in final) - missing
-    return (sum(r["error"] is None for r in final), failed, missing, sum(r["stored"] for r in final),
-            sum(r["bytes"] for r in final))
+    final = [r for vid, r in FrameStore(root).records.items() if vid in videos]
+    stored = sum(r["error"] is None for r in final)
+    missing = sum((r["error"] or "").startswith("missing") for r in final)
+    frames, size = sum(r["stored"] for r in final), sum(r["bytes"] for r in final)
+    return stored, len(final) - stored - missing, missing, frames, size
 
 
 # ----------------------------------------------------------------------------- checks
 def _probe(job):
-    """(path, deep) -> (path, (frames decoded, frames the container states, fps) or the reason the file
-    is unusable). grab() decodes: deep counts every frame, otherwise only the first one."""
+    """(path, deep) -> (path, (frames grab() decodes: all if deep, else the first; stated; fps), or why not)."""
     path, deep = job
     try:
         cap, n, fps = open_video(path)
@@ -530,10 +495,8 @@ def _probe(job):
 
 
 def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, files=None):
-    """-> (errors, warnings). Errors would break or mislabel training: missing or undecodable files,
-    zero frames, a duration mismatch beyond tolerance, empty or (given `classes`) unknown labels.
-    decode=False only looks for the files; deep decodes every frame (in `workers` processes) and
-    compares the count with the container's. files: video_files(video_dir), if the caller has it."""
+    """-> (errors, warnings): what breaks or mislabels training (missing or undecodable files, durations off, empty
+    or unknown labels). decode=False: only look for files; deep: count every frame. files: video_files(video_dir)."""
     errors, warnings, probe = [], [], []
     files = video_files(video_dir) if files is None else files
     for v in videos:
@@ -569,33 +532,14 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
 
 # ----------------------------------------------------------------------------- datasets
 def _usable(videos, source, classes=None):
-    """The datasets' fail-fast start: the cheap half of `check` -> (videos, their files; None from a store)."""
+    """The datasets' fail-fast start, the cheap half of `check` -> (videos, their files, the FrameStore or None)."""
     videos = list(videos.values() if isinstance(videos, dict) else videos)
-    if isinstance(source, FrameStore):
-        gone = sorted({v.id for v in videos} - source.ready())
-        if gone:
-            raise BadInput(f"{len(gone)} videos are not in the store {source.root}: {', '.join(gone[:10])}")
-        errors, _ = check(videos, None, decode=False, classes=classes, files={v.id: None for v in videos})
-        paths = [None] * len(videos)
-    else:
-        files = video_files(source)                  # one listing of the folder for both
-        errors, _ = check(videos, source, decode=False, classes=classes, files=files)
-        paths = [files.get(v.id) for v in videos]
+    store = source if isinstance(source, FrameStore) else None
+    files = {vid: None for vid in store.ready()} if store else video_files(source)
+    errors, _ = check(videos, store.root if store else source, decode=False, classes=classes, files=files)
     if errors:
-        raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
-                       + "\n".join(errors[:20]))
-    return videos, paths
-
-
-def _atomic_save(path, write):
-    # Temp file + rename: concurrent workers and ranks never see half a file.
-    tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)                  # a failed write leaves nothing behind
+        raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n" + "\n".join(errors[:20]))
+    return videos, [files[v.id] for v in videos], store
 
 
 def normalised_segments(video):
@@ -603,32 +547,27 @@ def normalised_segments(video):
     return torch.from_numpy(np.clip(video.segments / video.duration, 0, 1)).float()
 
 
-REPLACE_TRIES = 16    # broken videos in a row before an item gives up (then --max-bad has long stopped the run)
-
-
 def replacing(read, n, index, name):
-    """read(index), or for a broken video (VideoError, its file gone) read() of the next index that works,
-    cyclically -> (item, [dict(id, reason, by)] replaced). Batches and ranks keep their size; other errors
-    (a full disk, a bug) propagate."""
+    """read(index), or for a broken video (VideoError, file gone) read() of the next index that works -> (index
+    read, item, [dict(id, reason, by)] replaced): batches keep their size; other errors (a full disk) propagate."""
     replaced = []
-    for k in range(min(n, REPLACE_TRIES)):
+    for k in range(index, index + min(n, REPLACE_TRIES)):
         try:
-            item = read((index + k) % n)
+            item = read(k % n)
         except (VideoError, FileNotFoundError) as e:
-            replaced.append(dict(id=name(index + k), reason=str(e)))
+            replaced.append(dict(id=name(k % n), reason=str(e)))
             continue
-        return item, [dict(r, by=name(index + k)) for r in replaced]
-    raise VideoError(f"{len(replaced)} videos in a row failed to decode, from {replaced[0]['id']}: {replaced[0]['reason']}")
+        return k % n, item, [dict(r, by=name(k % n)) for r in replaced]
+    raise VideoError(f"{len(replaced)} videos in a row failed to decode, from {replaced[0]['id']}: "
+                     f"{replaced[0]['reason']}")
 
 
 class TALDataset(torch.utils.data.Dataset):
-    """Item (index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments
-    float32 (N, 2) in [0, 1] of the duration, labels, id, duration, fidelity, replaced). `source`: a video
-    folder or a FrameStore. A broken video's item is the next one that decodes (`replacing`)."""
+    """Item (index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments (N, 2) in
+    [0, 1], labels, id, duration, fidelity, replaced), from a video folder or a FrameStore (see `replacing`)."""
 
     def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224)):
-        self.videos, self.paths = _usable(videos, source)
-        self.store = source if isinstance(source, FrameStore) else None
+        self.videos, self.paths, self.store = _usable(videos, source)
         self.F, self.stride, self.full = F, stride, full
 
     def __len__(self):
@@ -636,12 +575,11 @@ class TALDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item):
         index, fid = item if isinstance(item, tuple) else (item, self.full)
-        n = len(self.videos)
-        (index, frames), replaced = replacing(lambda i: (i, self._frames(i, fid)), n, index,
-                                              lambda i: self.videos[i % n].id)         # (L, F, 3, H, W)
+        index, frames, replaced = replacing(lambda i: self._frames(i, fid), len(self), index,
+                                            lambda i: self.videos[i].id)                    # (L, F, 3, H, W)
         v = self.videos[index]
-        return dict(frames=torch.from_numpy(frames), segments=normalised_segments(v),                # (N, 2)
-                    labels=list(v.labels), id=v.id, duration=v.duration, fidelity=fid, replaced=replaced)
+        return dict(frames=torch.from_numpy(frames), segments=normalised_segments(v), labels=list(v.labels),
+                    id=v.id, duration=v.duration, fidelity=fid, replaced=replaced)
 
     def _frames(self, index, fid):
         index_fn = lambda n, fps: snippet_indices(n, fid.L, self.F, self.stride)
@@ -652,33 +590,27 @@ class TALDataset(torch.utils.data.Dataset):
 
 
 def collate(batch):
-    """Items of either dataset -> one dict. TALDataset: frames uint8 (B, L, F, 3, H, W), segments
-    [tensor (N, 2)], labels, ids, durations float64 (B,), fidelity (one for the batch), replaced [dict].
-    ClipDataset: frames (B, F, 3, H, W), labels int64 (B,), ids, replaced."""
+    """Items of either dataset -> one dict: frames uint8 (B, ...), ids, replaced, and labels int64 (B,) for
+    clips; for TALDataset labels, segments [(N, 2)], durations float64 (B,) and the batch's one fidelity."""
     # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
     out = dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]), ids=[b["id"] for b in batch],
                replaced=[r for b in batch for r in b["replaced"]])
     if "label" in batch[0]:                                                              # clips
         return dict(out, labels=torch.tensor([b["label"] for b in batch]))
-    fids = {b["fidelity"] for b in batch}
-    if len(fids) != 1:
-        raise ValueError(f"a batch mixes fidelities {sorted(map(str, fids))}")
-    return dict(out, segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch],
-                fidelity=fids.pop(), durations=torch.tensor([b["duration"] for b in batch], dtype=torch.float64))
+    durations = torch.tensor([b["duration"] for b in batch], dtype=torch.float64)
+    return dict(out, segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch], durations=durations,
+                fidelity=batch[0]["fidelity"])           # (Batches gives a batch one fidelity)
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Stage 1 (ACP+): one clip of F frames at a stride inside one action instance -> dict(frames uint8
-    (F, 3, H, W), label (class index), id, replaced). Random position when training, drawn from (seed, epoch, index);
-    centred otherwise. A clip of a broken video is replaced by the next clip that decodes (`replacing`)."""
+    """Stage 1 (ACP+): F frames at a stride inside one action instance -> dict(frames uint8 (F, 3, H, W),
+    label, id, replaced); placed by (seed, epoch, index) when training, else centred. See `replacing`."""
 
     def __init__(self, videos, source, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
-        self.videos, self.paths = _usable(videos, source, classes)
-        self.store = source if isinstance(source, FrameStore) else None
-        self.augment = augment
+        self.videos, self.paths, self.store = _usable(videos, source, classes)
         self.items = [(i, j) for i, v in enumerate(self.videos) for j in range(len(v.segments))]
         self.classes, self.F, self.stride, self.size = list(classes), F, stride, tuple(size)
-        self.train, self.seed, self.epoch = train, seed, 0
+        self.train, self.seed, self.augment, self.epoch = train, seed, augment, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -687,22 +619,21 @@ class ClipDataset(torch.utils.data.Dataset):
         return len(self.items)
 
     def __getitem__(self, k):
-        n = len(self.items)
-        (q, frames, label), replaced = replacing(self._clip, n, k, lambda q: self.videos[self.items[q % n][0]].id)
-        return dict(frames=frames, label=label, id=self.videos[self.items[q][0]].id, replaced=replaced)
+        id_of = lambda q: self.videos[self.items[q][0]].id
+        q, (frames, label), replaced = replacing(self._clip, len(self), k, id_of)
+        return dict(frames=frames, label=label, id=id_of(q), replaced=replaced)
 
     def _clip(self, k):
-        i, j = self.items[k]
-        v, (start, end) = self.videos[i], self.videos[i].segments[j]
-        u = np.random.default_rng([self.seed, self.epoch, k]).random() if self.train else 0.5
-        index_fn = lambda n, fps: clip_indices(*instance_frames((start, end), n, fps), u, self.F, self.stride)
+        (i, j), rng = self.items[k], lambda *key: np.random.default_rng([self.seed, self.epoch, k, *key])
+        v, u = self.videos[i], rng().random() if self.train else 0.5
+        index_fn = lambda n, fps: clip_indices(*instance_frames(v.segments[j], n, fps), u, self.F, self.stride)
         if self.store:
             frames = self.store.read(v.id, index_fn, self.size)                            # (F, 3, H, W)
         else:
             frames = read_video(self.paths[i], index_fn, self.size, seek_first=True)[0]
         if self.train and self.augment:
-            frames = augment_clip(frames, np.random.default_rng([self.seed, self.epoch, k, 1]))
-        return k, torch.from_numpy(frames), self.classes.index(v.labels[j])
+            frames = augment_clip(frames, rng(1))
+        return torch.from_numpy(frames), self.classes.index(v.labels[j])
 
 
 def augment_clip(frames, rng):
@@ -723,13 +654,9 @@ def augment_clip(frames, rng):
 
 
 class Batches:
-    """The one batch sampler: training, scoring, extraction, BatchNorm re-estimation, split over ranks.
-
-    train: every rank draws the same permutation (seed + epoch); step s's global batch is items
-    [s G, (s + 1) G), G = per_rank * world, and rank r takes its r-th slice; the last incomplete batch
-    is dropped, so every rank runs the same steps. Otherwise: in order, rank r takes items r, r + world,
-    ..., in batches of per_rank (no padding: ranks may differ by a batch). With `configs`, each item is
-    (index, Fidelity), one C-LoFi configuration per batch (fidelity_at); else a plain index."""
+    """The one batch sampler -> lists of indices, or with `configs` of (index, Fidelity), one C-LoFi configuration a
+    batch. train: one permutation (seed + epoch) on all ranks, step s's global batch [s G, (s + 1) G) (G = per_rank *
+    world) split in rank order, the last incomplete one dropped. Else rank r takes r, r + world, ... in order."""
 
     def __init__(self, n, per_rank, rank=0, world=1, seed=0, train=True, configs=None, cycle="long", c_l=1, c_s=16):
         self.n, self.B, self.rank, self.world, self.seed, self.train = n, per_rank, rank, world, seed, train
@@ -756,45 +683,83 @@ class Batches:
 
     def __iter__(self):
         if self.train:
-            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch)).tolist()
-            G = self.B * self.world
-            batches = (order[s * G + self.rank * self.B:s * G + (self.rank + 1) * self.B] for s in range(self.steps))
+            order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+            batches = order[:self.steps * self.world * self.B].view(self.steps, self.world, self.B)[:, self.rank]
         else:
-            mine = list(range(self.rank, self.n, self.world))
-            batches = (mine[s * self.B:(s + 1) * self.B] for s in range(self.steps))
-        for s, batch in enumerate(batches):
-            if s >= self.start_step:
-                fid = self.config_at(self.epoch, s)
-                yield [(i, fid) for i in batch] if fid else batch
+            mine = torch.arange(self.rank, self.n, self.world)
+            batches = [mine[s * self.B:(s + 1) * self.B] for s in range(self.steps)]
+        for s in range(self.start_step, self.steps):
+            fid, batch = self.config_at(self.epoch, s), batches[s].tolist()
+            yield [(i, fid) for i in batch] if fid else batch
+
+
+def _first(ids, k=10):
+    return ", ".join(ids[:k]) + (" ..." if len(ids) > k else "")
+
+
+class Split:
+    """A subset's usable videos (sorted by id) and the record of those that are not. Videos without a file
+    (not in `names`) are skipped: one line, and <out>/missing.txt. The datasets replace videos that fail to
+    decode (`replacing`); the batches report them to add(), and flush() (a collective under torchrun)
+    prints the new ones and logs each to <out>/log.jsonl (event "broken", id, reason). Past max_bad of the
+    subset the run stops; the evaluation counts them all as misses, as the official protocol does."""
+
+    def __init__(self, videos, subset, names, where, out, max_bad, resume=False):
+        everything = {k: v for k, v in videos.items() if v.subset == subset}
+        if not everything:
+            raise BadInput(f"no videos in subset '{subset}' of the annotation file")
+        self.subset, self.total, self.out, self.max_bad, self.pending = subset, len(everything), Path(out), max_bad, []
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.videos = [everything[k] for k in sorted(everything) if k in names]
+        self.missing = sorted(k for k in everything if k not in names)
+        log = self.out / "log.jsonl"                 # a resumed run: what it logged before is known
+        events = [json.loads(line) for line in open(log)] if resume and log.exists() else []
+        self.broken = {e["id"]: e for e in events if e.get("event") == "broken" and e.get("subset") == subset}
+        if self.missing and self.rank == 0:
+            listed = self.out / "missing.txt"
+            known = set(listed.read_text().splitlines()) if listed.exists() else set()   # (a resumed run)
+            with open(listed, "a") as f:
+                f.writelines(f"{vid}\t{subset}\n" for vid in self.missing if f"{vid}\t{subset}" not in known)
+            print(f"{len(self.missing)} of {self.total} {subset} videos have no file in {where}, skipped: "
+                  f"{_first(self.missing)} (all in {listed})", flush=True)
+        self.check(f"have no file in {where} (wrong folder?)")
+        if not self.videos:
+            raise BadInput(f"no {subset} video has a file in {where}")
+
+    def check(self, what="are missing or broken"):
+        bad = sorted(self.missing + list(self.broken))
+        if len(bad) > self.max_bad * self.total:
+            raise BadInput(f"{len(bad)} of {self.total} {self.subset} videos {what}, more than --max-bad "
+                           f"{self.max_bad:g}: {_first(bad)}")
+
+    def add(self, replaced):
+        self.pending.extend(replaced)
+
+    def flush(self, where="", collective=True):
+        parts = [self.pending]
+        if collective and self.world > 1:
+            parts = [None] * self.world
+            dist.all_gather_object(parts, self.pending)
+        new = {r["id"]: r for part in parts for r in part if r["id"] not in self.broken}
+        self.pending = []
+        if new:
+            self.broken.update(new)
+            if self.rank == 0:
+                with open(self.out / "log.jsonl", "a") as f:
+                    f.writelines(json.dumps(dict(event="broken", subset=self.subset, where=where, **r)) + "\n"
+                                 for r in new.values())
+                print(f"{len(new)} {self.subset} video(s) failed to decode {where} and were replaced or skipped: "
+                      + "; ".join(f"{r['id']} ({r['reason']})" for r in new.values()), flush=True)
+            self.check()
 
 
 # ----------------------------------------------------------------------------- synthetic dataset
-def _spans(rng, n, lengths, min_gap):
-    """Place spans of the given lengths in [0, n) in order, at least min_gap apart -> starts."""
-    room = n - lengths.sum() - min_gap * (len(lengths) + 1)
-    gaps = np.floor(rng.dirichlet(np.ones(len(lengths) + 1)) * max(room, 0)).astype(int) + min_gap
-    return np.cumsum(gaps[:-1] + np.r_[0, lengths[:-1]])
-
-
 def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
-    """An ActivityNet-shaped synthetic dataset whose actions show only in motion. The rules:
-
-    - Scene: one checkered 24-pixel object at a random rest position inside the centre H x H crop,
-      on a still, smooth background, plus Gaussian sensor noise (sigma 2) on every frame. Backgrounds
-      and objects come from a pool of six looks shared by all classes, so how a video looks says
-      nothing about its class, and no single frame tells an action from the background.
-    - Labels as in ActivityNet: one class per video (classes take turns over videos, so any three
-      consecutive videos hold them all; every fourth video is validation), 1-3 instances of 10-40 %
-      of a 15-30 s video each, at least 1.5 s apart.
-    - Action = a motion: during an instance the object oscillates about its rest position on a
-      circle, a horizontal or a vertical line (the class), with a 0.8-1.6 s period and a 4-7 pixel
-      excursion.
-    - Task discrepancy (Sec. 1 of the paper): in most gaps between instances, for 1-3 s, motion that
-      is *not* an action: the camera shakes (the whole frame jitters by up to 2 pixels) or the object
-      slides in a straight line to a new rest position. Stage 1 sees trimmed instances only and never
-      meets these; a localization loss teaches the encoder to tell them from actions. They are listed
-      under each video's 'distractors' key, which the ActivityNet format ignores.
-    """
+    """An ActivityNet-shaped synthetic dataset, a pure function of the seed, whose actions show only in motion:
+    a checkered 24-pixel object (12-16 pixels were too weak a signal: looks got memorised) on a still background,
+    six looks shared by all classes; one class per video, in turn (every fourth video validation), 1-3 instances
+    of 10-40 % of a 15-30 s video in which the object oscillates on a circle, a horizontal or a vertical line;
+    in most gaps, motion that is no action (Sec. 1's task discrepancy: camera shake, slides), as 'distractors'."""
     out_dir, (H, W) = Path(out_dir), size
     (out_dir / "videos").mkdir(parents=True, exist_ok=True)
     database, P, M, S = {}, 24, 7, 2              # object side, largest excursion, largest shake (pixels)
@@ -810,10 +775,14 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
         background, thing = backgrounds[rng.integers(looks)], objects[rng.integers(looks)]   # (H, W, 3), (P, P, 3)
         lengths = (rng.uniform(0.1, 0.4, rng.integers(1, 4)) * n).astype(int)
         lengths = (lengths * min(1.0, 0.7 * n / lengths.sum())).astype(int)
-        starts = _spans(rng, n, lengths, int(1.5 * fps))
+        # Instances in order, at least 1.5 s apart: the room left goes to the gaps in Dirichlet shares.
+        gap = int(1.5 * fps)
+        room = n - lengths.sum() - gap * (len(lengths) + 1)
+        gaps = np.floor(rng.dirichlet(np.ones(len(lengths) + 1)) * max(room, 0)).astype(int) + gap
+        starts = np.cumsum(gaps[:-1] + np.r_[0, lengths[:-1]])
         pos = np.repeat(rng.integers(lo, hi + 1)[None].astype(np.float64), n, 0)   # (n, (y, x)) object
         shake, notes, distractors = np.zeros((n, 2), int), [], []            # (n, (dy, dx)) camera
-        # Distractors first, in the gaps (0.5 s clear of every instance); a slide moves later rests.
+        # Distractors first, 1-3 s in the gaps (0.5 s clear of every instance); a slide moves later rests.
         for a, b in zip(np.r_[0, starts + lengths] + fps // 2, np.r_[starts, n] - fps // 2):
             if b - a < fps or rng.random() < 0.2:
                 continue
@@ -827,7 +796,7 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
                 pos[t0:t0 + m] = (1 - w) * pos[t0] + w * goal
                 pos[t0 + m:] = goal
                 distractors.append(dict(segment=[t0 / fps, (t0 + m) / fps], kind="slide"))
-        for a, b in zip(starts, starts + lengths):
+        for a, b in zip(starts, starts + lengths):         # the action: a 0.8-1.6 s period, 4-7 pixels
             phi = 2 * np.pi * np.arange(b - a) / (rng.uniform(0.8, 1.6) * fps)
             amp = rng.uniform(4, M) / (2 if cls == 0 else 1)                   # circle radius or swing
             sin, cos, zero = amp * np.sin(phi), amp * (1 - np.cos(phi)), 0 * phi
@@ -846,11 +815,9 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
             dy, dx = S + shake[t]
             writer.write(np.clip(frame[dy:dy + H, dx:dx + W] + noise[rng.integers(8)], 0, 255).astype(np.uint8))
         writer.release()
-        subset = "validation" if k % 4 == 3 else "training"
-        database[f"synth_{k:04d}"] = dict(subset=subset, duration=n / fps, annotations=notes,
-                                          distractors=distractors)
-    anno = dict(version="synthetic", taxonomy=[], database=database)
-    (out_dir / "anno.json").write_text(json.dumps(anno, indent=1))
+        database[f"synth_{k:04d}"] = dict(subset="validation" if k % 4 == 3 else "training", duration=n / fps,
+                                          annotations=notes, distractors=distractors)
+    (out_dir / "anno.json").write_text(json.dumps(dict(version="synthetic", taxonomy=[], database=database), indent=1))
     return out_dir / "anno.json"
 
 
@@ -862,27 +829,27 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--videos", type=at_least_4, default=128, help="number of videos (3:1 training:validation)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="the dataset is a pure function of the seed")
-    for name, text in (("check", "list every problem that would break or mislabel training"),
-                       ("prepare", "decode every video once into a frame store that every stage can read")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON")
+    check_p = sub.add_parser("check", help="list every problem that would break or mislabel training")
+    prepare_p = sub.add_parser("prepare", help="decode every video once into a frame store that every stage can read")
+    for p in (check_p, prepare_p):
+        p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON (prepare: all subsets)")
         p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
         p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="decoding processes (default: all)")
-    sub.choices["check"].add_argument("--subset", help="check only this subset (default: all)")
-    sub.choices["check"].add_argument("--deep", action="store_true", help="decode every frame and compare the "
-                                      "count with the container's (ActivityNet: ~22 h of decoding)")
-    p.add_argument("--store", required=True, help="the store folder (a rerun adds what is not yet in it)")
-    p.add_argument("--preset", default="paper", choices=GEOMETRY, help="the geometry to store (default paper)")
-    for key in ("snippets", "frames", "stride", "size"):
-        p.add_argument(f"--{key}", type=positive_int, help=f"override the preset's {key}, as lofi.py --{key} does")
+    check_p.add_argument("--subset", help="check only this subset (default: all)")
+    check_p.add_argument("--deep", action="store_true", help="decode every frame and compare the count with the "
+                         "container's (ActivityNet: ~22 h of decoding, split over --workers)")
+    prepare_p.add_argument("--store", required=True, help="the store folder (a rerun adds what is not yet in it)")
+    prepare_p.add_argument("--preset", default="paper", choices=GEOMETRY, help="the geometry to store (default paper)")
+    for key in GEOMETRY["paper"]:
+        prepare_p.add_argument(f"--{key}", type=positive_int, help=f"the preset's {key}, as lofi.py --{key} sets it")
     args = parser.parse_args(argv)
-    if args.command == "synth":
-        anno = synth(args.out_dir, args.videos, args.seed)
-        print(f"{args.videos} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
-        return 0
-    if not Path(args.videos).is_dir():
+    if args.command != "synth" and not Path(args.videos).is_dir():
         parser.error(f"--videos {args.videos}: not a folder")
     try:
+        if args.command == "synth":
+            anno = synth(args.out_dir, args.videos, args.seed)
+            print(f"{args.videos} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
+            return 0
         if args.command == "prepare":
             geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}
             stored, failed, missing, frames, size = prepare(args.anno, args.videos, args.store, geometry, args.workers)
@@ -891,20 +858,19 @@ def main(argv=None):
             print(f"prepared {stored} videos ({failed} failed, {missing} missing): {frames} frames, {size} bytes "
                   f"-> {args.store}")
             return 0
-        everything, _ = read_annotations(args.anno)
+        training = [v for v in read_annotations(args.anno)[0].values() if v.subset == "training"]
         videos, report = read_annotations(args.anno, args.subset)
     except (BadInput, OSError) as e:                 # OSError: a full disk, a store folder gone read-only
         parser.error(str(e))
-    training = [v for v in everything.values() if v.subset == "training"]
     errors, warnings = check(videos.values(), args.videos, classes=class_names(training) if training else None,
                              deep=args.deep, workers=args.workers)
     warnings = report["problems"] + warnings
     for line in [f"error: {e}" for e in errors] + [f"warning: {w}" for w in warnings]:
         print(line)
-    print(f"{len(videos)} videos, {report['segments']} segments ({report['clipped']} clipped, "
-          f"{report['dropped']} dropped): {len(errors)} errors, {len(warnings)} warnings")
+    print(f"{len(videos)} videos, {report['segments']} segments ({report['clipped']} clipped, {report['dropped']} "
+          f"dropped): {len(errors)} errors, {len(warnings)} warnings")
     return 1 if errors else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(main())

@@ -6,9 +6,9 @@ localization at low fidelity, in three stages of one program, every one trained 
   --stage head   (3) frozen encoder, full-fidelity features, a fresh G-TAD head, detections, mAP
   --stage plan   training memory of every fidelity, and what fits; --stage detect: one video file
 
-  bash train.sh                                                     # the whole pipeline, synthetic, CPU
-  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long     # after bash train.sh: its data and stage 1
-  python lofi.py --stage plan --preset paper --budget-gb 80         # needs no dataset
+  bash train.sh  # the whole pipeline, synthetic, CPU
+  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long  # after bash train.sh: its data and stage 1
+  python lofi.py --stage plan --preset paper --budget-gb 80  # needs no dataset
 
 Bad input stops with one line and exit code 2; videos without a file are skipped, videos that fail to
 decode replaced, both with a record (README, "Bad input").
@@ -59,50 +59,48 @@ def get_args(argv=None):
     pos, count, num, add = data.positive_int, data.nonnegative_int, data.positive_float, p.add_argument
     # stage and data
     add("--stage", required=True, choices=["acp", "lofi", "head", "plan", "detect"])
-    add("--anno", help="ActivityNet/HACS annotation JSON (default: data/synth/anno.json, made by bash train.sh)")
-    add("--videos", help="folder of <id>.mp4 or v_<id>.mp4 (mkv, webm, avi) (default: 'videos' beside --anno)")
+    add("--anno", help="ActivityNet/HACS annotation JSON (default: data/synth/anno.json)")
+    add("--videos", help="folder of <id>.mp4 or v_<id>.mp4, mkv, webm, avi (default: beside --anno)")
     add("--store", help="a frame store from `python data.py prepare`, in place of --videos")
-    add("--features", help="head: a folder of per-video (T, D) <id>.npy or v_<id>.npy, in place of an encoder")
-    add("--out", help="run folder (default: runs/<stage>, runs/lofi_head for head, as train.sh lays them out)")
-    add("--preset", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU (default: paper if CUDA, else tiny)")
+    add("--features", help="head: a folder of (T, D) <id>.npy or v_<id>.npy, in place of an encoder")
+    add("--out", help="run folder (default: runs/<stage>; runs/lofi_head for head)")
+    add("--preset", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU (default: paper if CUDA)")
     add("--snippets", type=pos, help="full-fidelity L (paper: 100)")
     add("--frames", type=pos, help="frames per snippet F (paper: 8)")
-    add("--stride", type=pos, help="frame stride inside a snippet (paper: 8, a 64-frame window)")
+    add("--stride", type=pos, help="frame stride in a snippet (paper: 8)")
     add("--size", type=pos, help="full-fidelity frame side H = W (paper: 224)")
-    add("--max-bad", type=data.fraction, default=0.1, help="stop past this fraction of missing or broken videos")
+    add("--max-bad", type=data.fraction, default=0.1, help="stop past this fraction of bad videos")
     # model
     add("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
-    add("--init", help="none | imagenet | PATH (TSM, torchvision or lofi weights); default: the stage before's")
+    add("--init", help="none | imagenet | PATH (TSM, torchvision or lofi weights)")
     # fidelity (stage 2)
-    add("--fidelity", choices=["s", "t", "st", "full"], help="one configuration (Eq. 2-4, or full) instead of a cycle")
+    add("--fidelity", choices=["s", "t", "st", "full"], help="one configuration, not a cycle")
     add("--cycle", default="long", choices=["long", "short"], help="C-LoFi schedule (default long)")
     add("--c-l", type=pos, default=1, help="long cycle: epochs per configuration")
     add("--c-s", type=pos, default=16, help="short cycle: batches per configuration")
     # optimisation
     add("--epochs", type=pos, help="default: the preset's value for the stage")
-    add("--batch-size", type=pos, help="global batch (videos or clips), split over ranks")
+    add("--batch-size", type=pos, help="global batch, split over ranks")
     add("--lr", type=num, help="default: the preset's value for the stage")
     add("--momentum", type=float, help="stage 2 SGD momentum in [0, 1) (paper: 0)")
-    add("--workers", type=count, help="DataLoader workers per rank (paper: the cores per local rank)")
-    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast (train.sh turns it on for tiny)")
+    add("--workers", type=count, help="DataLoader workers per rank (paper: its cores)")
+    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast")
     add("--checkpoint-encoder", action="store_true", help="recompute encoder activations in backward")
     add("--freeze-bn", action="store_true", help="BatchNorm in eval mode (small per-GPU batches)")
     # stage 3 and detect
-    add("--nms-sigma", type=num, default=0.84, help="soft-NMS exp(-iou^2 / sigma); paper 0.84, G-TAD 0.8")
+    add("--nms-sigma", type=num, default=0.84, help="soft-NMS exp(-iou^2 / sigma)")
     add("--top-k", type=pos, default=100, help="proposals kept per video")
-    add("--video-scores", help="CUHK-format video-level class scores instead of our classifier")
-    add("--lr-search", action="store_true", help="head: the paper's lr search, on a tenth of the training videos")
-    add("--bn-recal", type=count, default=0, help="head: re-estimate BatchNorm at full fidelity on N training videos")
-    # utilities
+    add("--video-scores", help="CUHK-format video-level class scores")
+    add("--lr-search", action="store_true", help="head: the paper's lr search")
+    add("--bn-recal", type=count, default=0, help="head: BatchNorm re-estimated on N videos")
     add("--budget-gb", type=num, help="plan: memory per device to fit batches into")
-    add("--plan-snippets", type=pos, help="plan: snippets run through the encoder (memory is linear in them)")
+    add("--plan-snippets", type=pos, help="plan: snippets the encoder runs")
     add("--video", help="detect: one video file")
     add("--run", help="detect: a stage-3 run folder")
-    # run control
     add("--resume", action="store_true", help="continue from <out>/last.pt")
-    add("--save-every", type=count, default=0, help="also write <out>/last.pt every N steps (0: at epoch ends)")
+    add("--save-every", type=count, default=0, help="also save every N steps")
     add("--seed", type=count, default=0)
-    add("--max-steps", type=pos, help="stop each epoch after this many steps (tests, dry runs)")
+    add("--max-steps", type=pos, help="stop each epoch after N steps (tests)")
     args = p.parse_args(argv)
 
     # Every default is resolved here, once: the preset's, unless a flag was given.
@@ -118,7 +116,7 @@ def get_args(argv=None):
     args.epochs = args.epochs or preset[f"{stage}_epochs"]
     args.lr = args.lr or preset[f"{stage}_lr"]
     args.optim = preset.get(f"{stage}_optim", "adam")
-    args.lr_step = preset.get(f"{stage}_step")                   # acp: a cosine schedule instead
+    args.lr_step = preset.get(f"{stage}_step")  # acp: a cosine schedule instead
     args.momentum = preset["lofi_momentum"] if args.momentum is None else args.momentum
     return args, check_inputs(p, args)
 
@@ -130,32 +128,29 @@ def check_inputs(p, args):
         if not ok:
             p.error(message)
     inputs = argparse.Namespace(videos={}, store=None, init=None, video_scores=None)
-    need(args.snippets >= (12 if args.stage == "lofi" else 3), f"--snippets {args.snippets}: G-TAD needs L >= 3 "
-         "snippets, and stage lofi's T-LoFi runs L/4 (so at least 12)")
-    need(args.size >= 32, f"--size {args.size}: must be at least 32 pixels (S-LoFi halves it; the encoder "
-         "strides by 32)")
+    need(args.snippets >= (12 if args.stage == "lofi" else 3), f"--snippets {args.snippets}: G-TAD needs L >= 3, "
+         "stage lofi at least 12 (T-LoFi runs L/4)")
+    need(args.size >= 32, f"--size {args.size}: must be at least 32 (the encoder strides by 32)")
     need(0 <= args.momentum < 1, f"--momentum {args.momentum}: must be in [0, 1)")
     world = int(os.environ.get("WORLD_SIZE", 1))
     need(args.batch_size % world == 0, f"--batch-size {args.batch_size}: not divisible by the world size {world}")
     if args.stage == "detect":
-        need(args.video and Path(args.video).is_file(), f"--video {args.video}: no such video file (detect needs one)")
-        need(Path(args.run or args.out, "last.pt").is_file(), f"--run {args.run}: no last.pt of a stage-3 run here")
+        need(args.video and Path(args.video).is_file(), f"--video {args.video}: no such file")
+        need(Path(args.run or args.out, "last.pt").is_file(), f"--run {args.run}: no last.pt here")
     if args.stage in ("plan", "detect"):
         need(args.anno is None or Path(args.anno).is_file(), f"--anno {args.anno}: no such file")
         return inputs
-    need(not args.features or args.stage == "head", f"--features: only --stage head trains on precomputed "
-         f"features, not --stage {args.stage}")
+    need(not args.features or args.stage == "head", f"--features: only for --stage head, not {args.stage}")
     need(sum(map(bool, (args.features, args.store, args.videos))) <= 1, "give one of --videos, --store and --features")
     if args.anno is None:
         args.anno = "data/synth/anno.json"
-        need(Path(args.anno).is_file(), "--anno: no annotation file given, and the default (the synthetic set of "
-             "bash train.sh) does not exist: run bash train.sh, or give --anno and --videos")
+        need(Path(args.anno).is_file(), "--anno: none given, and no data/synth/anno.json: run bash train.sh first")
     need(Path(args.anno).is_file(), f"--anno {args.anno}: no such file")
     if args.features:
         need(Path(args.features).is_dir(), f"--features {args.features}: not a folder")
     elif not args.store:
         args.videos = args.videos or str(Path(args.anno).parent / "videos")
-        need(Path(args.videos).is_dir(), f"--videos {args.videos}: not a folder (give the folder of the video files)")
+        need(Path(args.videos).is_dir(), f"--videos {args.videos}: not a folder")
     if args.init is None:
         default = Path(args.out).parent / {"acp": "none", "lofi": "acp", "head": "lofi"}[args.stage] / "last.pt"
         args.init = str(default) if default.is_file() else "none"
@@ -174,7 +169,7 @@ def check_inputs(p, args):
             inputs.init = load_checkpoint(args.init)
         if args.video_scores:
             inputs.video_scores = gtad.read_video_scores(args.video_scores)
-    except ValueError as e:                           # data.BadInput, and the score file's ValueError
+    except ValueError as e:  # data.BadInput, and the score file's ValueError
         p.error(str(e))
     return inputs
 
@@ -212,26 +207,19 @@ def progress(iterable, desc):
     return tqdm(iterable, desc=desc, leave=False, disable=rank_world()[0] > 0 or not sys.stderr.isatty())
 
 
-def gather(obj):
-    """All ranks' python objects in a list (one element per rank)."""
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
 def agree(failed, reason, where=""):
     """Stop every rank if any failed (`failed`: a 1-element tensor on the device, > 0 on a failed rank),
     naming each failed rank's reason(). One small all_reduce and one read: without it the healthy ranks
     would wait in their next collective until the process group times out (NCCL: 10 minutes)."""
     if dist.is_initialized():
         dist.all_reduce(failed)
-    if failed.item():                                  # the one host-device sync
+    if failed.item():  # the one host-device sync
         if not dist.is_initialized():
             raise SystemExit(where + reason())
-        reasons = [f"rank {r}: {e}" for r, e in enumerate(gather(reason())) if e]
-        raise SystemExit(f"{where}stopped, a rank failed: " + "; ".join(reasons))
+        reasons = [None] * dist.get_world_size()
+        dist.all_gather_object(reasons, reason())
+        raise SystemExit(f"{where}stopped, a rank failed: " + "; ".join(f"rank {r}: {e}" for r, e in
+                                                                       enumerate(reasons) if e))
 
 
 def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext()):
@@ -248,7 +236,7 @@ def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext
         if not dist.is_initialized():
             raise
         error = f"step {step}{phase}: {type(e).__name__}: {e}"
-    finite = error is None and torch.isfinite(loss.detach())                     # a tensor: read only on failure
+    finite = error is None and torch.isfinite(loss.detach())  # a tensor: read only on failure
     agree(torch.ones((), device=device) if error else (~finite).float(),
           lambda: error or (None if finite else f"step {step}: FloatingPointError: non-finite loss"), where)
     return batch, loss, terms
@@ -279,27 +267,20 @@ def load_checkpoint(path):
         raise data.BadInput(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:             # truncated, not a torch file, or pickled code: all unusable
-        why = (str(e).strip().splitlines() or [""])[0][:160]       # torch's weights_only text runs to pages
+    except Exception as e:  # truncated, not a torch file, or pickled code: all unusable
+        why = (str(e).strip().splitlines() or [""])[0][:160]  # (torch's text runs to pages)
         raise data.BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
-
-
-def log_event(args, record):
-    if rank_world()[0] == 0:
-        with open(Path(args.out) / "log.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
 
 
 # ----------------------------------------------------------------------------- the training loop
 def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=None, extra=None, keep=(), split=None,
         on_epoch=None):
-    """The one training loop, of every stage and of the lr search: epochs of `sampler` (a data.Batches),
-    load(sampler, epoch) -> batches, loss_fn(batch, epoch, step) -> (total, {term: tensor}), one optimizer
-    step a batch, the terms summed on the device and read at the epoch's end. <out>/last.pt (rank 0, at
-    epoch ends and every --save-every steps) holds `parts` (name -> module), `extra`, the optimizer, the
-    scheduler and the position; --resume continues at its step if the `keep` entries of extra still match.
-    One JSON line an epoch in <out>/log.jsonl, with what on_epoch(epoch, record) adds. parts None: nothing
-    saved, resumed or logged (the lr search's trial heads)."""
+    """The one training loop, of every stage and the lr search: epochs of `sampler` (a data.Batches), load(sampler,
+    epoch) -> batches, loss_fn(batch, epoch, step) -> (total, {term: tensor}), a step a batch, the terms summed on
+    the device and read at the epoch's end. <out>/last.pt (rank 0, at epoch ends and every --save-every steps)
+    holds `parts` (name -> module), `extra`, optimizer, scheduler and position; --resume continues at its step
+    if extra's `keep` entries match. One JSON line an epoch in <out>/log.jsonl, plus what on_epoch(epoch,
+    record) adds. parts None: nothing saved, resumed or logged (the lr search's trial heads)."""
     rank, world = rank_world()
     path, extra = Path(args.out) / "last.pt", extra or {}
     start, first, partial = 0, 0, {}
@@ -332,7 +313,7 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
     raw = model.module if isinstance(model, DDP) else model
     for epoch in range(start, args.epochs):
         t0 = time.time()
-        skip = first if epoch == start else 0                     # > 0: resumed inside this epoch
+        skip = first if epoch == start else 0  # > 0: resumed inside this epoch
         sampler.set_epoch(epoch, skip)
         steps = min(sampler.steps, args.max_steps or sampler.steps)
         model.train()
@@ -348,15 +329,15 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            for k, v in terms.items():                            # on the device: no sync
+            for k, v in terms.items():  # on the device: no sync
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
             if split:
                 split.add(batch["replaced"])
             if parts is not None and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
                 save(epoch, step + 1, sums)
-        lr = opt.param_groups[0]["lr"]                            # the lr this epoch ran with
+        lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
         sched.step()
-        if world > 1:                  # rank 0's BatchNorm statistics everywhere (saved, and used to evaluate)
+        if world > 1:  # rank 0's BatchNorm statistics everywhere (saved, and used to evaluate)
             for b in raw.buffers():
                 dist.broadcast(b, 0)
         record = dict(stage=name, epoch=epoch, **{k: v.item() / steps for k, v in sums.items()}, lr=lr, steps=steps)
@@ -370,64 +351,22 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
             record.update(time=round(time.time() - t0, 2),
                           max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
             print0(json.dumps(record))
-            log_event(args, record)
+            if rank == 0:
+                with open(Path(args.out) / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
     return raw
 
 
 # ----------------------------------------------------------------------------- data
-class Split:
-    """A subset's videos that have a file (a feature file with --features), sorted by id, and the record
-    of those that cannot be used. Videos without a file are skipped: one line, and <out>/missing.txt. The
-    datasets replace videos that fail to decode (data.replacing); the batches report them to add(), and
-    flush() (a collective) prints the new ones and logs each (event "broken", id, reason). Past --max-bad of
-    the subset the run stops; the evaluation counts them all as misses, as the official protocol does."""
-
-    def __init__(self, args, inputs, subset):
-        everything = {k: v for k, v in inputs.videos.items() if v.subset == subset}
-        if not everything:
-            raise data.BadInput(f"{args.anno}: no videos in subset '{subset}'")
-        if args.features:
-            names = {n for p in Path(args.features).glob("*.npy") for n in (p.stem, p.stem.removeprefix("v_"))}
-        else:                                        # (the store's manifest says why a video is not there)
-            names = inputs.store.ready() if inputs.store else data.video_files(args.videos)
-        self.args, self.subset, self.total, self.pending = args, subset, len(everything), []
-        self.videos = [everything[k] for k in sorted(everything) if k in names]
-        self.missing = sorted(k for k in everything if k not in names)
-        log = Path(args.out) / "log.jsonl"             # a resumed run: what it logged before is known
-        events = [json.loads(line) for line in open(log)] if args.resume and log.exists() else []
-        self.broken = {e["id"]: e for e in events if e.get("event") == "broken" and e.get("subset") == subset}
-        where, listed = args.features or args.store or args.videos, Path(args.out) / "missing.txt"
-        if self.missing:
-            if rank_world()[0] == 0:
-                known = set(listed.read_text().splitlines()) if listed.exists() else set()   # (a resumed run)
-                with open(listed, "a") as f:
-                    f.writelines(f"{vid}\t{subset}\n" for vid in self.missing if f"{vid}\t{subset}" not in known)
-            print0(f"{len(self.missing)} of {self.total} {subset} videos have no file in {where}, skipped: "
-                   f"{', '.join(self.missing[:10])}{' ...' if len(self.missing) > 10 else ''} (all in {listed})")
-        self.check(f"have no file in {where} (wrong folder?)")
-        if not self.videos:
-            raise data.BadInput(f"no {subset} video of {args.anno} has a file in {where}")
-
-    def check(self, what="are missing or broken"):
-        bad = sorted(self.missing + list(self.broken))
-        if len(bad) > self.args.max_bad * self.total:
-            raise data.BadInput(f"{len(bad)} of {self.total} {self.subset} videos {what}, more than --max-bad "
-                                f"{self.args.max_bad:g}: {', '.join(bad[:10])}{' ...' if len(bad) > 10 else ''}")
-
-    def add(self, replaced):
-        self.pending.extend(replaced)
-
-    def flush(self, where="", collective=True):
-        new = {r["id"]: r for part in (gather(self.pending) if collective else [self.pending]) for r in part
-               if r["id"] not in self.broken}
-        self.pending = []
-        if new:
-            self.broken.update(new)
-            for r in new.values():
-                log_event(self.args, dict(event="broken", subset=self.subset, where=where, **r))
-            print0(f"{len(new)} {self.subset} video(s) failed to decode {where} and were replaced or skipped: "
-                   + "; ".join(f"{r['id']} ({r['reason']})" for r in new.values()))
-            self.check()
+def videos_of(args, inputs, subset):
+    """data.Split of a subset: its videos that have a file (a feature file with --features), and the
+    record, in <out>, of those that have none or fail to decode."""
+    if args.features:
+        names = {n for p in Path(args.features).glob("*.npy") for n in (p.stem, p.stem.removeprefix("v_"))}
+    else:  # (the store's manifest says why a video is not there)
+        names = inputs.store.ready() if inputs.store else data.video_files(args.videos)
+    return data.Split(inputs.videos, subset, names, args.features or args.store or args.videos, args.out,
+                      args.max_bad, args.resume)
 
 
 def fidelity_grid(args):
@@ -477,7 +416,7 @@ def optimizer(args, params, adam_decay, momentum):
 def build_encoder(args, inputs):
     try:
         encoder, said = tsm.build_encoder(args.depth, args.init, inputs.init, args.checkpoint_encoder)
-    except ValueError as e:                          # weights of another model: named, not a traceback
+    except ValueError as e:  # weights of another model: named, not a traceback
         raise data.BadInput(str(e)) from None
     print0(said)
     return encoder
@@ -487,7 +426,7 @@ def build_encoder(args, inputs):
 def stage_acp(args, inputs, rank, world, device):
     """Clip classification on the target's trimmed action instances (ACP+, Sec. 3.1); then the video-level
     class scores of the validation videos (<out>/video_scores.json, the CUHK format of --video-scores)."""
-    train, val = Split(args, inputs, "training"), Split(args, inputs, "validation")
+    train, val = videos_of(args, inputs, "training"), videos_of(args, inputs, "validation")
     classes = data.class_names(train.videos + val.videos)
     ds, val_ds = (data.ClipDataset(s.videos, inputs.store or args.videos, classes, args.frames, args.stride,
                                    size=(args.size, args.size), train=s is train, seed=args.seed) for s in (train, val))
@@ -496,7 +435,7 @@ def stage_acp(args, inputs, rank, world, device):
     opt = optimizer(args, net.parameters(), adam_decay=1e-2, momentum=0.9)
 
     def load(sampler, epoch):
-        ds.set_epoch(epoch)                           # this epoch's clip positions and augmentation
+        ds.set_epoch(epoch)  # this epoch's clip positions and augmentation
         return loader(ds, sampler, args, device)
 
     def loss(batch, epoch, step):
@@ -504,14 +443,14 @@ def stage_acp(args, inputs, rank, world, device):
         return ce, {"loss": ce}
 
     @torch.no_grad()
-    def accuracy(epoch, record):                     # clip accuracy on validation, each rank a disjoint stride
+    def accuracy(epoch, record):  # validation clip accuracy, ranks a stride each
         net.eval()
         right = torch.zeros(2, device=device)
         with autocast(args, device):
             for batch in loader(val_ds, data.Batches(len(val_ds), per_rank, rank, world, train=False), args, device):
-                hit = net(batch["frames"].to(device)).argmax(1) == batch["labels"].to(device)          # (B,)
+                hit = net(batch["frames"].to(device)).argmax(1) == batch["labels"].to(device)  # (B,)
                 right += torch.stack([hit.sum(), torch.tensor(len(hit), device=device)])
-                val.add(batch["replaced"])            # (a replacement clip is another valid clip: it counts)
+                val.add(batch["replaced"])  # (a replacement clip counts: it is valid)
         if world > 1:
             dist.all_reduce(right)
         val.flush("in the clip accuracy")
@@ -537,13 +476,13 @@ def stage_acp(args, inputs, rank, world, device):
 def stage_lofi(args, inputs, rank, world, device):
     """Encoder + G-TAD head on the TAL loss at low fidelity: one configuration (Eq. 2-4), or C-LoFi
     cycling S -> T -> ST (Sec. 3.2); full fidelity only as --fidelity full."""
-    train = Split(args, inputs, "training")
+    train = videos_of(args, inputs, "training")
     full, lofis = fidelity_grid(args)
     configs = {"s": lofis[:1], "t": lofis[1:2], "st": lofis[2:], "full": [full]}.get(args.fidelity, lofis)
     ds = tal_dataset(args, inputs, train.videos)
     encoder = build_encoder(args, inputs)
     net = tsm.LoFiNet(encoder, gtad.GTAD(gtad.GTADConfig(feat_dim=encoder.dim))).to(device)
-    if device.type == "cuda":        # NHWC convolutions for the tensor cores (on CPU kept as measured)
+    if device.type == "cuda":  # NHWC for the tensor cores
         encoder.to(memory_format=torch.channels_last)
     model = ddp(net, device)
     # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs (tiny: AdamW, whose
@@ -553,8 +492,8 @@ def stage_lofi(args, inputs, rank, world, device):
                            cycle=args.cycle, c_l=args.c_l, c_s=args.c_s)
 
     def loss(batch, epoch, step):
-        targets = gtad.batch_targets(batch["segments"], batch["fidelity"].L, device)     # at this batch's L
-        out = model(batch["frames"].to(device, non_blocking=True))                   # maps (B, L, L)
+        targets = gtad.batch_targets(batch["segments"], batch["fidelity"].L, device)  # at this batch's L
+        out = model(batch["frames"].to(device, non_blocking=True))  # maps (B, L, L)
         terms = gtad.loss(out, *targets, generator=loss_generator(args, rank, epoch, step, device))
         return terms["total"], terms
     schedule = dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])
@@ -567,10 +506,9 @@ def stage_lofi(args, inputs, rank, world, device):
 # ----------------------------------------------------------------------------- stage 3: head
 @torch.no_grad()
 def extract_features(args, inputs, encoder, split, rank, world, device):
-    """Full-fidelity features of a split's videos: one <out>/features/<id>.npy a video, raw (L, D) float32,
-    written as it is extracted, each rank a disjoint stride. Videos that have a file are skipped, so a
-    killed run loses at most a batch; features/key.json says what made them (the encoder's checkpoint
-    file, the geometry), and another key starts them again. Broken videos get no file."""
+    """Full-fidelity features of a split's videos, one raw (L, D) float32 <out>/features/<id>.npy a video as
+    it is extracted, each rank a stride. Existing files are skipped (a killed run loses a batch) unless
+    features/key.json (the encoder's file, the geometry) differs. Broken videos get no file."""
     folder, init, todo = Path(args.out) / "features", Path(args.init), [None]
     stat = init.stat() if init.is_file() else None
     key = dict(init=str(init.resolve()) if stat else args.init, init_bytes=stat and stat.st_size,
@@ -585,26 +523,26 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
             (folder / "key.json").write_text(json.dumps(key, indent=1))
         todo = [[v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]]
     if world > 1:
-        dist.broadcast_object_list(todo, src=0)      # one list: no rank sees another's new files
+        dist.broadcast_object_list(todo, src=0)  # one list for all ranks
     todo = [v for v in split.videos if v.id in set(todo[0])]
     print0(f"{split.subset} features: {len(split.videos) - len(todo)} in {folder} already, {len(todo)} to extract")
     error = None
     try:
         for batch in in_order(args, inputs, split, device, todo, max(1, args.batch_size // world), rank, world):
             with autocast(args, device):
-                x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()                # (B, L, D)
-            for vid, feat in zip(batch["ids"], x):    # (a broken video's stand-in rewrites the same file)
+                x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()  # (B, L, D)
+            for vid, feat in zip(batch["ids"], x):  # (a broken video's stand-in: the same file)
                 with open(folder / f"{vid}.npy.tmp", "wb") as f:
-                    np.save(f, feat)                                                         # (L, D)
+                    np.save(f, feat)  # (L, D)
                 os.replace(folder / f"{vid}.npy.tmp", folder / f"{vid}.npy")
-    except Exception as e:                           # ranks have different batch counts: one check at the end
+    except Exception as e:  # ranks have different batch counts: one check at the end
         if world == 1:
             raise
         error = f"feature extraction: {type(e).__name__}: {e}"
     agree(torch.tensor(float(error is not None), device=device), lambda: error)
     split.flush("while extracting features")
     lost = [v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]
-    if lost:                                         # broken videos (log.jsonl says why): skipped
+    if lost:  # broken videos (log.jsonl says why): skipped
         print0(f"{len(lost)} {split.subset} video(s) without features (they failed to decode): {', '.join(lost)}")
     split.videos = [v for v in split.videos if v.id not in lost]
     if not split.videos:
@@ -619,7 +557,7 @@ def train_head(args, feats, videos, lr, device, extra=None):
     rank, world = rank_world()
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=feats[videos[0].id].shape[0])).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
-    x = torch.stack([feats[v.id] for v in videos])                                           # (N, D, L)
+    x = torch.stack([feats[v.id] for v in videos])  # (N, D, L)
     labels = gtad.batch_targets([data.normalised_segments(v) for v in videos], args.snippets, "cpu")  # start, end, iou
     model = ddp(head, device)
 
@@ -647,7 +585,7 @@ def search_lr(args, feats, train, classes, device):
     videos (a seeded draw) after training on the other nine tenths, classes assigned by a video classifier
     trained on those nine tenths too: the validation subset is never used."""
     held = set(np.random.default_rng([args.seed, 10]).permutation(len(train))[:max(1, len(train) // 10)].tolist())
-    fit_on, dev = [v for i, v in enumerate(train) if i not in held], [v for i, v in enumerate(train) if i in held]
+    dev, fit_on = ([v for i, v in enumerate(train) if (i in held) is side] for side in (True, False))
     gt = dict(database={v.id: dict(subset="validation", duration=v.duration, annotations=[
         dict(segment=list(map(float, s)), label=lab) for s, lab in zip(v.segments, v.labels)]) for v in dev})
     clf = gtad.train_video_classifier(feats, fit_on, classes, args.seed)
@@ -659,7 +597,7 @@ def search_lr(args, feats, train, classes, device):
         print0(f"lr search: lr {lr:g} -> {100 * scores[lr]:.2f} average mAP on {len(dev)} held-out training videos")
     best = [max(scores, key=scores.get)]
     if dist.is_initialized():
-        dist.broadcast_object_list(best, src=0)            # ranks agree even if their scores differ
+        dist.broadcast_object_list(best, src=0)  # ranks agree even if their scores differ
     return best[0]
 
 
@@ -667,16 +605,14 @@ def stage_head(args, inputs, rank, world, device):
     """Frozen encoder -> full-fidelity features -> a G-TAD head from scratch -> detections and mAP on the
     validation videos; the evaluation takes the ground truth of all of them, so a missing or broken one
     counts as missed, as the official protocol counts it."""
-    if args.init == "none" and not args.features:
-        print0("stage head: the encoder is frozen and random; --init should name imagenet or a stage-1 or 2 checkpoint")
-    train, val = Split(args, inputs, "training"), Split(args, inputs, "validation")
+    train, val = videos_of(args, inputs, "training"), videos_of(args, inputs, "validation")
     classes = data.class_names(train.videos + val.videos)
     encoder, folder = None, args.features
     if not args.features:
-        with torch.random.fork_rng(devices=[]):      # one encoder on every rank, even a random one (--init none)
+        with torch.random.fork_rng(devices=[]):  # the same encoder on every rank, even random
             torch.manual_seed(args.seed)
             encoder = build_encoder(args, inputs).to(device, memory_format=torch.channels_last).eval()
-        if args.bn_recal:                            # every rank the same videos: the statistics agree
+        if args.bn_recal:  # every rank the same videos: the statistics agree
             pick = np.random.default_rng([args.seed, 11]).permutation(len(train.videos))[:args.bn_recal]
             with autocast(args, device):
                 tsm.recalibrate_bn(encoder, (b["frames"].flatten(0, 1).to(device) for b in in_order(
@@ -720,7 +656,7 @@ def training_memory(args, fid, device, checkpoint, amp, snippets):
     (measured on `snippets` of them) times fid.L, plus the head's per video at fid.L."""
     cfg = tsm.TSMConfig(depth=args.depth, checkpoint=checkpoint)
     per_snippet, fixed = tsm.snippet_memory(cfg, args.frames, fid.H, fid.W, device, amp, snippets)
-    head = gtad.GTADConfig(feat_dim=2048 if args.depth == 50 else 512)                     # the encoder's D
+    head = gtad.GTADConfig(feat_dim=2048 if args.depth == 50 else 512)  # the encoder's D
     per_video, head_fixed = gtad.video_memory(head, fid.L, device, amp, tsm.step_memory)
     return per_snippet * fid.L + per_video, fixed + head_fixed
 
@@ -730,8 +666,7 @@ def stage_plan(args):
     how many videos of each fit a batch there, with and without --checkpoint-encoder and --amp."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full, lofis = fidelity_grid(args)
-    variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
-        [(args.checkpoint_encoder, args.amp)]
+    variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else [(args.checkpoint_encoder, args.amp)]
     snippets = args.plan_snippets or (25 if device.type == "cuda" else 4)
     rows, ref = [], {}
     print0(f"device {device}: marginal activation memory of a training step (the encoder on {snippets} and "
@@ -763,11 +698,11 @@ def stage_detect(args):
     head, clf = gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"])), gtad.video_classifier(encoder.dim, len(ck["classes"]))
     head.load_state_dict(ck["head"])
     clf.load_state_dict(ck["video_classifier"])
-    for k in ("snippets", "frames", "stride", "size", "amp"):     # features as stage 3 made them
+    for k in ("snippets", "frames", "stride", "size", "amp"):  # features as stage 3 made them
         setattr(args, k, ck["args"][k])
     frames, duration = data.read_snippets(args.video, fidelity_grid(args)[0], args.frames, args.stride)  # (L,F,3,H,W)
     with torch.no_grad(), autocast(args, device):
-        feat = tsm.snippet_features(encoder, frames[None].to(device))[0].float().cpu()       # (D, L)
+        feat = tsm.snippet_features(encoder, frames[None].to(device))[0].float().cpu()  # (D, L)
     dets = gtad.detections_for(head.to(device).eval(), feat, duration, gtad.video_class_scores(clf, feat),
                                ck["classes"], args.nms_sigma, args.top_k)
     out = path.parent / f"detect_{Path(args.video).stem}"

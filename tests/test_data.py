@@ -2,6 +2,8 @@
 a video whose frame k shows k in binary, fidelity sizes and schedules, the batch sampler across epochs
 and ranks, bad input, the synthetic dataset (check CLI + motion), and the frame store against a
 plain decode followed by the same JPEG round trip."""
+import contextlib
+import io
 import json
 import pickle
 import shutil
@@ -23,6 +25,18 @@ from data import Fidelity
 ROOT = Path(__file__).resolve().parents[1]
 TINY = Fidelity(32, 64, 64)
 PAPER = Fidelity(100, 224, 224)
+
+
+def cli(*args):
+    """`python data.py ARGS` run in this process (a second interpreter would import torch again, seconds on
+    these machines) -> CompletedProcess(returncode, stdout, stderr), as subprocess.run gives."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = data.main([str(a) for a in args])
+        except SystemExit as e:                               # parser.error: the one-line refusals
+            code = e.code
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 # ----------------------------------------------------------------------------- snippet indices
@@ -216,8 +230,7 @@ def test_deep_check_counts_every_frame_in_parallel(tmp_path):
     deep = [data.check(videos.values(), videos_dir, deep=True, workers=w)[0] for w in (1, 2)]
     assert deep[0] == deep[1] and len(deep[0]) == 4                 # cut: its count, and so its duration
     assert any(e.startswith("cut:") and f"{true} frames decode, the container states 100" in e for e in deep[0])
-    result = subprocess.run([sys.executable, str(ROOT / "data.py"), "check", "--anno", str(anno), "--videos",
-                             str(videos_dir), "--deep", "--workers", "2"], capture_output=True, text=True)
+    result = cli("check", "--anno", anno, "--videos", videos_dir, "--deep", "--workers", "1")
     assert result.returncode == 1 and "4 errors" in result.stdout
 
 
@@ -277,10 +290,6 @@ def test_read_real_activitynet(anet_annotations):
 
 
 # ----------------------------------------------------------------------------- synthetic dataset
-def cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "data.py"), *map(str, args)], capture_output=True, text=True)
-
-
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
@@ -289,7 +298,7 @@ def synth_set(tmp_path_factory):
 
 
 def test_synth_passes_check_and_check_finds_problems(synth_set, tmp_path):
-    result = cli("check", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--deep", "--workers", "2")
+    result = cli("check", "--anno", synth_set / "anno.json", "--videos", synth_set / "videos", "--deep", "--workers", 1)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "6 videos" in result.stdout and "0 errors" in result.stdout
     anno = json.loads((synth_set / "anno.json").read_text())
@@ -304,7 +313,7 @@ def test_synth_passes_check_and_check_finds_problems(synth_set, tmp_path):
     anno["database"][ids[2]]["duration"] += 5.0
     anno["database"][ids[3]]["annotations"][0]["label"] = ""
     (tmp_path / "anno.json").write_text(json.dumps(anno))
-    result = cli("check", "--anno", tmp_path / "anno.json", "--videos", videos)
+    result = cli("check", "--anno", tmp_path / "anno.json", "--videos", videos, "--workers", 1)
     assert result.returncode == 1
     errors = [line for line in result.stdout.splitlines() if line.startswith("error:")]
     assert len(errors) == 4 and "4 errors" in result.stdout
@@ -443,7 +452,7 @@ def test_prepare_resumes_after_a_kill(synth_set, store, tmp_path):
     run.wait()
     done = len(manifest.read_text().splitlines())
     assert 2 <= done < 6, "prepare finished before the kill: make the set larger"
-    again = subprocess.run(argv, capture_output=True, text=True)
+    again = cli(*argv[2:])
     assert again.returncode == 0, again.stderr
     assert f"{done} videos already in" in again.stdout and f"; {6 - done} to decode" in again.stdout
     one, two = data.FrameStore(root), data.FrameStore(tmp_path / "s")

@@ -119,7 +119,7 @@ def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
     net = tsm.LoFiNet(enc := lofi.build_encoder(args, inputs), gtad.GTAD(gtad.GTADConfig(feat_dim=enc.dim)))
     net.train()
     lofi.tsm.set_bn_eval(net)
-    ds = lofi.tal_dataset(args, inputs, lofi.Split(args, inputs, "training").videos)
+    ds = lofi.tal_dataset(args, inputs, lofi.videos_of(args, inputs, "training").videos)
     _, configs = lofi.fidelity_grid(args)
     for rank in (0, 1):
         sampler = data.Batches(len(ds), 2, rank, 2, args.seed, configs=configs, cycle="short")
@@ -571,7 +571,7 @@ def test_bn_recal_averages_full_fidelity_batch_statistics(synth, tmp_path):
     before, after = (params(tmp_path / d / "last.pt", "encoder") for d in ("acp", "head"))
     assert torch.equal(before["conv1.weight"], after["conv1.weight"])          # weights untouched
     args, inputs = lofi.get_args(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "x")])
-    train = lofi.Split(args, inputs, "training").videos
+    train = lofi.videos_of(args, inputs, "training").videos
     pick = np.random.default_rng([args.seed, 11]).permutation(len(train))[:3]
     ds = lofi.tal_dataset(args, inputs, [train[i] for i in sorted(pick)])
     means = []

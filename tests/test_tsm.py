@@ -9,7 +9,7 @@ import torch
 import torchvision
 
 import data
-import lofi
+import tsm
 
 from tsm import MEAN, STD, TSM, TemporalShift, TSMConfig, load_weights, normalize, temporal_shift
 
@@ -295,12 +295,12 @@ def test_shift_learns_motion_that_tsn_cannot(tmp_path):
         ds = data.ClipDataset([v for v in videos.values() if v.subset == subset], tmp_path / "videos", classes,
                               4, 2, size=(64, 64), train=True, seed=1, augment=augment)
         items = [ds[k] for e in range(draws) if ds.set_epoch(e) is None for k in range(len(ds))]
-        return torch.stack([x for x, _, _ in items]), torch.tensor([y for _, y, _ in items])   # (N, 4, 3, 64, 64), (N,)
+        return torch.stack([x["frames"] for x in items]), torch.tensor([x["label"] for x in items])  # (N, 4, 3, 64, 64)
     (x_train, y_train), (x_val, y_val) = clips("training", 8, True), clips("validation", 4, False)
     accuracy = {}
     for shift_div in (8, 0):
         torch.manual_seed(0)
-        net = lofi.ClipNet(TSM(TSMConfig(shift_div=shift_div)), len(classes)).to(memory_format=torch.channels_last)
+        net = tsm.ClipNet(TSM(TSMConfig(shift_div=shift_div)), len(classes)).to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
         draw = torch.Generator().manual_seed(0)
         for _ in range(400):                        # stage 1's recipe (tiny preset, --amp), fewer steps

@@ -6,7 +6,7 @@ one run, measured side by side (interleaved repeats, median), so machine noise h
 
 Unit: video frames per second = (sum of the frame counts of the videos gone through) / wall time.
 Raw decoding reads every frame with cv2.VideoCapture.read(), once with OpenCV's default FFmpeg threads
-and once with one thread (what data.py uses). The loader is TALDataset + FidelityBatchSampler +
+and once with one thread (what data.py uses). The loader is TALDataset + data.Batches +
 DataLoader(num_workers=2, collate_fn=data.collate), fresh workers every epoch as in lofi.py, going once
 through the same videos at the tiny full fidelity 32 x 4 x 64^2 (stride 2); it delivers B * L * F
 snippet frames per batch. The transport floor is the same DataLoader serving same-sized uint8 tensors
@@ -58,7 +58,8 @@ class Floor(torch.utils.data.Dataset):
 
 
 def loader_epoch(ds, configs, epoch, args, cycle="long", persistent=None):
-    sampler = data.FidelityBatchSampler(len(ds), args.batch, configs, cycle, c_s=1, seed=0, drop_last=False)
+    # In order (train=False): every video once, the last batch short (the throughput counts them all).
+    sampler = data.Batches(len(ds), args.batch, seed=0, train=False, configs=configs, cycle=cycle, c_s=1)
     sampler.set_epoch(epoch)
     loader = persistent or torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=args.workers,
                                                        collate_fn=data.collate, persistent_workers=False)

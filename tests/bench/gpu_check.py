@@ -221,7 +221,7 @@ def extraction(g, preset, nets, device, work):
         encoder.train()
     args, inputs = lofi.get_args(["--stage", "head", "--init", "none", *flags(g, preset, work),
                                   "--out", str(work / "extract")])
-    split = lofi.Split(args, inputs, "training")
+    split = lofi.videos_of(args, inputs, "training")
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         lofi.extract_features(args, inputs, nets[False][0].encoder.eval(), split, 0, 1, device)
