@@ -6,8 +6,7 @@
     python data.py prepare --anno A.json --videos DIR --store S --preset paper   # then lofi.py --store S
 
 A video is L snippets, each of F frames at a stride inside a window of F * stride frames (Sec. 3: 64 frames
-at stride 8). Frames come from video files (decoded at full resolution, lower fidelities resized from them)
-or from a frame store (`prepare`: each video decoded once, the frames any stage can ask for kept as JPEGs).
+at stride 8), read from video files (lower fidelities resized from the full one) or from a frame store.
 """
 import argparse
 import json
@@ -45,6 +44,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def _checked(parse, ok, what):
+    """An argparse `type=` for lofi.py's and data.py's flags: `argument --workers: 0: must be ...`, exit 2."""
     def check(text):
         try:
             if ok(value := parse(text)):
@@ -56,7 +56,6 @@ def _checked(parse, ok, what):
     return check
 
 
-# argparse `type=` checks for lofi.py's and data.py's flags: `argument --workers: 0: must be ...`, exit 2.
 positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
@@ -93,8 +92,7 @@ def c_lofi(full):
 
 
 def fidelity_at(configs, cycle, epoch, step, c_l=1, c_s=16):
-    """A batch's configuration: the next one every c_l epochs (long cycle) or c_s batches (short; `step`
-    counts batches from the start of training, so small epochs still visit S, T and ST)."""
+    """The next configuration every c_l epochs (long cycle) or c_s batches (short: small epochs still see all)."""
     if cycle not in ("long", "short"):
         raise ValueError(f"cycle must be 'long' or 'short', not {cycle!r}")
     return configs[(epoch // c_l if cycle == "long" else step // c_s) % len(configs)]
@@ -111,8 +109,7 @@ class Video:
 
 
 def read_annotations(path, subset=None):
-    """ActivityNet-1.3 / HACS JSON -> (dict id -> Video, report); segments are clipped to [0, duration], the
-    empty ones dropped, and both counted and listed in report['problems']."""
+    """ActivityNet-1.3 / HACS JSON -> (dict id -> Video, report of the segments clipped to [0, duration] or dropped)."""
     try:
         entries = json.loads(Path(path).read_text())["database"].items()
     except OSError as e:
@@ -140,11 +137,9 @@ def read_annotations(path, subset=None):
             raise BadInput(f"{path}: video {raw_id}: repeated, or a duration or segment not finite and positive")
         inside = np.clip(segs.astype(np.float64), 0.0, duration)                          # (N, 2)
         keep, moved = inside[:, 1] > inside[:, 0], (inside != segs).any(1)
-        for (s, e), k, m in zip(segs, keep, moved):
-            if m or not k:
-                what = "runs outside" if k else "is empty inside"
-                problems.append(f"{vid}: segment [{s:.2f}, {e:.2f}] {what} [0, {duration}] s, "
-                                + ("clipped" if k else "dropped"))
+        problems += [f"{vid}: segment [{s:.2f}, {e:.2f}] {'runs outside' if k else 'is empty inside'} "
+                     f"[0, {duration}] s, {'clipped' if k else 'dropped'}"
+                     for (s, e), k, m in zip(segs, keep, moved) if m or not k]
         labels = [label for label, k in zip(labels, keep) if k]
         videos[vid] = Video(vid, entry.get("subset", ""), duration, inside[keep], labels)
     count = lambda outcome: sum(p.endswith(outcome) for p in problems)
@@ -164,7 +159,7 @@ class VideoError(RuntimeError):
 
 
 def video_files(video_dir):
-    """One listing of a folder (no stat a name) -> dict id -> path: <id>.<ext> before v_<id>.<ext>, EXTENSIONS order."""
+    """One listing (no stat a name) -> dict id -> path: <id>.<ext> before v_<id>.<ext>, then EXTENSIONS order."""
     found = {}
     for name in os.listdir(video_dir):
         stem, _, ext = name.rpartition(".")
@@ -181,7 +176,7 @@ def worker_init(_):
 
 def open_video(path):
     """-> (cv2.VideoCapture, frame count, fps) as the container states them."""
-    # One FFmpeg thread: the workers are the parallelism (tests/bench/README.md: what threads cost).
+    # One FFmpeg thread, for the same reason (tests/bench/README.md: what threads cost).
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV/FFmpeg cannot open it (not a video, truncated, or an unknown codec)")
@@ -217,9 +212,9 @@ def landed(cap, fps):
 
 
 def seek(path, cap, fps, frame):
-    """Seek to `frame` -> (capture, the frame grab() decodes next); a seek that misses (timestamp) reopens at 0."""
+    """-> (capture, the frame grab() decodes next): `frame`, grabbed, or 0 from a reopened file if the seek missed."""
     if frame > 0 and cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and cap.grab() and landed(cap, fps) == frame:
-        return cap, frame + 1                        # `frame` is grabbed: retrieve() converts it
+        return cap, frame + 1
     cap.release()
     return open_video(path)[0], 0
 
@@ -231,46 +226,42 @@ def at_indices(frames, idx, wanted, inverse):
     return np.take(frames, inverse.reshape(idx.shape), axis=0)
 
 
-def read_video(path, index_fn, size, seek_first=False, put=None):
+def read_video(path, index_fn, size, seek_first=False, put=None, frames=None):
     """The frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W) RGB uint8, n, fps), in one
-    sequential pass. seek_first: jump to the first (a clip late in a long video); put(j, BGR frame): take each
-    as it comes instead (frames None). A stream that ends before the container's count n, within the
-    duration tolerance, is read again with indices from the true count."""
-    cap, n, fps = open_video(path)
+    pass (seek_first: from a seek), or each BGR frame to put(j, frame). A stream shorter than its container says,
+    within tolerance, is read again with `frames` = the true count: no index past its end is another frame."""
+    cap, stated, fps = open_video(path)
+    n = frames or stated
     try:
-        for attempt in range(2):
-            idx = np.asarray(index_fn(n, fps))
-            wanted, inverse = np.unique(idx, return_inverse=True)
-            cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
-            out = None if put else np.empty((len(wanted), 3, *size), np.uint8)             # (K, 3, H, W)
-            for j, t in enumerate(wanted):               # grab() skips, retrieve() converts only these
-                while pos <= t and cap.grab():
-                    pos += 1
-                ok, img = cap.retrieve() if pos > t else (False, None)
-                if not ok:
-                    break
-                if put:
-                    put(j, fit_frame(img, size))
-                else:
-                    out[j] = fit_frame(img, size).transpose(2, 0, 1)[::-1]          # channels first, BGR -> RGB
+        idx = np.asarray(index_fn(n, fps))
+        wanted, inverse = np.unique(idx, return_inverse=True)
+        cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
+        out = None if put else np.empty((len(wanted), 3, *size), np.uint8)                 # (K, 3, H, W)
+        for j, t in enumerate(wanted):                   # grab() skips, retrieve() converts only these
+            while pos <= t and cap.grab():
+                pos += 1
+            ok, img = cap.retrieve() if pos > t else (False, None)
+            if not ok:
+                break
+            if put:
+                put(j, fit_frame(img, size))
             else:
-                return (None if put else at_indices(out, idx, wanted, inverse)), n, fps
-            true_n = min(pos, t)             # frames in the stream: grab() failed at pos, or retrieve() at t
-            if true_n == 0:
-                raise VideoError(f"{path}: no frame decodes")
-            if attempt or _mismatch(true_n / fps, n / fps):
-                raise VideoError(f"{path}: stream ends at frame {true_n}, the container states {n} "
-                                 "(truncated or corrupt)")
-            n = true_n                   # indices past the true end must not become other frames
-            cap.release()
-            cap = open_video(path)[0]
+                out[j] = fit_frame(img, size).transpose(2, 0, 1)[::-1]              # channels first, BGR -> RGB
+        else:
+            return (None if put else at_indices(out, idx, wanted, inverse)), n, fps
     finally:
         cap.release()
+    true_n = min(pos, t)                 # frames in the stream: grab() failed at pos, or retrieve() at t
+    if true_n == 0:
+        raise VideoError(f"{path}: no frame decodes")
+    if frames or _mismatch(true_n / fps, n / fps):
+        raise VideoError(f"{path}: stream ends at frame {true_n}, the container states {n} (truncated or corrupt)")
+    return read_video(path, index_fn, size, seek_first, put, frames=true_n)
 
 
 def snippet_indices(num_frames, L, F=8, stride=8):
-    """Frame indices (L, F) int64 of L snippets evenly covering the video (window i centred at (i + 0.5) n / L),
-    clipped: short videos repeat frames, but the stride, the motion scale, never changes."""
+    """Frame indices (L, F) int64 of L snippets, window i centred at (i + 0.5) n / L, clipped: short videos repeat
+    frames, but the stride, the motion scale, never changes."""
     if num_frames < 1:
         raise ValueError(f"a video needs at least one frame, got {num_frames}")
     i, f = np.arange(L, dtype=np.int64)[:, None], np.arange(F, dtype=np.int64)[None, :]
@@ -286,14 +277,10 @@ def clip_indices(first, end, u, F, stride):
     return np.clip(idx, first, end - 1)
 
 
-def resize_frames(frames, size):
-    """(..., 3, h, w) -> (..., 3, H, W), each colour plane by INTER_AREA (full resolution -> a lower fidelity)."""
-    H, W = size
-    if frames.shape[-2:] == (H, W):
-        return frames
-    planes = frames.reshape(-1, *frames.shape[-2:])                                     # (K * 3, h, w)
-    out = np.stack([cv2.resize(p, (W, H), interpolation=cv2.INTER_AREA) for p in planes])
-    return out.reshape(*frames.shape[:-2], H, W)
+def instance_frames(segment, n, fps):
+    """An instance (start, end) in seconds -> its frames [first, end) in a video of n frames at fps."""
+    first = min(int(segment[0] * fps), n - 1)
+    return first, max(first + 1, min(n, math.ceil(segment[1] * fps)))
 
 
 def read_snippets(path, full, F=8, stride=8):
@@ -311,15 +298,8 @@ REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_RED
            8: cv2.IMREAD_REDUCED_COLOR_8}
 
 
-def instance_frames(segment, n, fps):
-    """An instance (start, end) in seconds -> its frames [first, end) in a video of n frames at fps."""
-    first = min(int(segment[0] * fps), n - 1)
-    return first, max(first + 1, min(n, math.ceil(segment[1] * fps)))
-
-
 def stored_frames(video, n, fps, geometry):
-    """The frames `prepare` keeps -> sorted unique indices: every snippet frame at each L of full, S, T and ST
-    fidelity, and what stage 1 can draw (training: every instance frame, as from the files; else centred)."""
+    """-> sorted frame indices: the snippets at each L of C-LoFi, and stage 1's clips (training: whole instances)."""
     F, stride, full = geometry["frames"], geometry["stride"], Fidelity(geometry["snippets"], 1, 1)
     parts = [snippet_indices(n, L, F, stride).ravel() for L in {c.L for c in [full, *c_lofi(full)]}]
     for s in video.segments:
@@ -353,7 +333,6 @@ class FrameStore:
                 self.records[r["id"]] = r
 
     def ready(self):
-        """-> set of the ids whose frames are all stored."""
         return {vid for vid, r in self.records.items() if r["error"] is None}
 
     def matches(self, snippets, frames, stride, size):
@@ -363,13 +342,12 @@ class FrameStore:
         return None if have == want else f"prepared for {have}, this run needs {want}: prepare a store for it"
 
     def read(self, vid, index_fn, size):
-        """The frames index_fn(num_frames, fps) asks for, at H x W -> (*idx.shape, 3, H, W) RGB uint8."""
+        """As read_video, at H x W: -> (*idx.shape, 3, H, W) RGB uint8."""
         r, side, jpg, (H, W) = self.records[vid], self.config["size"], self.root / f"{vid}.jpg", size
         idx = np.asarray(index_fn(r["frames"], r["fps"]))
         wanted, inverse = np.unique(idx, return_inverse=True)
         index = np.load(self.root / f"{vid}.idx.npy")                                          # (K, 3)
-        absent = np.setdiff1d(wanted, index[:, 0])
-        if len(absent):
+        if len(absent := np.setdiff1d(wanted, index[:, 0])):
             raise VideoError(f"{jpg}: frames {absent[:5].tolist()} are not in the store (prepared for another "
                              "geometry or annotation file?)")
         # libjpeg decodes at 1/2, 1/4 or 1/8 scale for the cost of that size (S-LoFi's 112^2 from 224^2); the
@@ -390,7 +368,7 @@ class FrameStore:
                     raise VideoError(f"{jpg}: frame {wanted[j]} does not decode ({e}); prepare it again") from None
                 if img.shape[:2] != (H, W):
                     img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)
-                out[j] = img.transpose(2, 0, 1)[::-1]                          # channels first, BGR -> RGB
+                out[j] = img.transpose(2, 0, 1)[::-1]
         return at_indices(out, idx, wanted, inverse)
 
 
@@ -444,21 +422,19 @@ def _unordered(fn, jobs, workers):
 
 
 def prepare(anno, video_dir, root, geometry, workers=1):
-    """Decode every annotated video once, `workers` in parallel, into a FrameStore at `root`; a rerun does only
-    the videos not yet stored. -> (stored, failed, missing, frames, bytes) over the whole annotation file."""
+    """Every annotated video not yet in the FrameStore at `root` into it -> (stored, failed, missing, frames, bytes)."""
     root, videos = Path(root), read_annotations(anno)[0]
     config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
-    if (root / "store.json").exists():
-        if FrameStore(root).config != config:
-            raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
-                           "give another folder")
-    else:                # a new store; a folder holding only a manifest is one whose start was killed
+    if not (root / "store.json").exists():   # a new store; a folder with only a manifest: a start that was killed
         if root.exists() and (not root.is_dir() or {p.name for p in root.iterdir()} - {"manifest.jsonl"}):
             raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
         root.mkdir(parents=True, exist_ok=True)
         (root / "manifest.jsonl").touch()
         _atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
-    done, files = FrameStore(root).ready(), video_files(video_dir)
+    if (store := FrameStore(root)).config != config:
+        raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
+                       "give another folder")
+    done, files = store.ready(), video_files(video_dir)
     todo = [videos[k] for k in sorted(videos) if k not in done]
     jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
     gone = [_record(v.id, f"missing: no file in {video_dir}") for v in todo if v.id not in files]
@@ -482,21 +458,30 @@ def prepare(anno, video_dir, root, geometry, workers=1):
 
 # ----------------------------------------------------------------------------- checks
 def _probe(job):
-    """(path, deep) -> (path, (frames grab() decodes: all if deep, else the first; stated; fps), or why not)."""
-    path, deep = job
+    """(k, id, annotated duration, path, deep) -> (k, errors, warnings) from decoding its first frame (deep: all)."""
+    k, vid, duration, path, deep = job
     try:
         cap, n, fps = open_video(path)
     except VideoError as e:
-        return path, str(e)
+        return k, [f"{vid}: {e}"], []
     try:
-        return path, ((sum(1 for _ in iter(cap.grab, False)) if deep else int(cap.grab())), n, fps)
+        decoded = sum(1 for _ in iter(cap.grab, False)) if deep else int(cap.grab())
     finally:
         cap.release()
+    if decoded == 0:
+        return k, [f"{vid}: {path}: no frame decodes (the container states {n})"], []
+    errors, warnings = [], []
+    if deep and decoded != n:
+        (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
+            f"{vid}: {path}: {decoded} frames decode, the container states {n}")
+    n = decoded if deep else n
+    if _mismatch(n / fps, duration):
+        errors.append(f"{vid}: {path}: lasts {n / fps:.2f} s, annotated {duration:.2f} s")
+    return k, errors, warnings
 
 
 def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, files=None):
-    """-> (errors, warnings): what breaks or mislabels training (missing or undecodable files, durations off, empty
-    or unknown labels). decode=False: only look for files; deep: count every frame. files: video_files(video_dir)."""
+    """-> (errors, warnings): files missing or undecodable (deep: count every frame), durations off, bad labels."""
     errors, warnings, probe = [], [], []
     files = video_files(video_dir) if files is None else files
     for v in videos:
@@ -510,23 +495,10 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
         if v.id not in files:
             errors.append(f"{v.id}: no video file <id> or v_<id> .{'/.'.join(EXTENSIONS)} in {video_dir}")
         elif decode:
-            probe.append(v)
-    found = dict(_unordered(_probe, [(files[v.id], deep) for v in probe], workers if len(probe) > 1 else 1))
-    for v in probe:                                  # (in the annotation's order, whatever the workers did)
-        path, got = files[v.id], found[files[v.id]]
-        if isinstance(got, str):
-            errors.append(f"{v.id}: {got}")
-            continue
-        decoded, n, fps = got
-        if decoded == 0:
-            errors.append(f"{v.id}: {path}: no frame decodes (the container states {n})")
-            continue
-        if deep and decoded != n:
-            (errors if _mismatch(decoded / fps, n / fps) else warnings).append(
-                f"{v.id}: {path}: {decoded} frames decode, the container states {n}")
-        n = decoded if deep else n
-        if _mismatch(n / fps, v.duration):
-            errors.append(f"{v.id}: {path}: lasts {n / fps:.2f} s, annotated {v.duration:.2f} s")
+            probe.append((len(probe), v.id, v.duration, files[v.id], deep))
+    for _, more_errors, more_warnings in sorted(_unordered(_probe, probe, workers if len(probe) > 1 else 1)):
+        errors += more_errors                        # (in the annotation's order, whatever the workers did)
+        warnings += more_warnings
     return errors, warnings
 
 
@@ -548,8 +520,8 @@ def normalised_segments(video):
 
 
 def replacing(read, n, index, name):
-    """read(index), or for a broken video (VideoError, file gone) read() of the next index that works -> (index
-    read, item, [dict(id, reason, by)] replaced): batches keep their size; other errors (a full disk) propagate."""
+    """read(index), or of the next index that works -> (index, item, [dict(id, reason, by)]): batches keep their
+    size. Only a broken video (VideoError, file gone) is replaced; a full disk propagates."""
     replaced = []
     for k in range(index, index + min(n, REPLACE_TRIES)):
         try:
@@ -563,8 +535,8 @@ def replacing(read, n, index, name):
 
 
 class TALDataset(torch.utils.data.Dataset):
-    """Item (index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments (N, 2) in
-    [0, 1], labels, id, duration, fidelity, replaced), from a video folder or a FrameStore (see `replacing`)."""
+    """(index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments (N, 2) in
+    [0, 1], labels, id, duration, fidelity, replaced)."""
 
     def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224)):
         self.videos, self.paths, self.store = _usable(videos, source)
@@ -586,12 +558,17 @@ class TALDataset(torch.utils.data.Dataset):
         if self.store:
             return self.store.read(self.videos[index].id, index_fn, (fid.H, fid.W))
         frames = read_video(self.paths[index], index_fn, (self.full.H, self.full.W))[0]   # (L, F, 3, H0, W0)
-        return resize_frames(frames, (fid.H, fid.W))
+        if frames.shape[-2:] == (fid.H, fid.W):
+            return frames
+        # A lower fidelity is resized from the full one, each colour plane by INTER_AREA.
+        planes = frames.reshape(-1, *frames.shape[-2:])                                     # (L * F * 3, H0, W0)
+        out = np.stack([cv2.resize(p, (fid.W, fid.H), interpolation=cv2.INTER_AREA) for p in planes])
+        return out.reshape(*frames.shape[:-2], fid.H, fid.W)                                 # (L, F, 3, H, W)
 
 
 def collate(batch):
-    """Items of either dataset -> one dict: frames uint8 (B, ...), ids, replaced, and labels int64 (B,) for
-    clips; for TALDataset labels, segments [(N, 2)], durations float64 (B,) and the batch's one fidelity."""
+    """Items of either dataset -> dict(frames uint8 (B, ...), ids, replaced, labels: int64 (B,) for clips; TALDataset
+    also segments [(N, 2)], durations float64 (B,) and the batch's one fidelity)."""
     # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
     out = dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]), ids=[b["id"] for b in batch],
                replaced=[r for b in batch for r in b["replaced"]])
@@ -603,8 +580,8 @@ def collate(batch):
 
 
 class ClipDataset(torch.utils.data.Dataset):
-    """Stage 1 (ACP+): F frames at a stride inside one action instance -> dict(frames uint8 (F, 3, H, W),
-    label, id, replaced); placed by (seed, epoch, index) when training, else centred. See `replacing`."""
+    """Stage 1 (ACP+): F frames at a stride inside one action instance -> dict(frames uint8 (F, 3, H, W), label, id,
+    replaced), placed by (seed, epoch, index) when training, else centred."""
 
     def __init__(self, videos, source, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
         self.videos, self.paths, self.store = _usable(videos, source, classes)
@@ -627,18 +604,15 @@ class ClipDataset(torch.utils.data.Dataset):
         (i, j), rng = self.items[k], lambda *key: np.random.default_rng([self.seed, self.epoch, k, *key])
         v, u = self.videos[i], rng().random() if self.train else 0.5
         index_fn = lambda n, fps: clip_indices(*instance_frames(v.segments[j], n, fps), u, self.F, self.stride)
-        if self.store:
-            frames = self.store.read(v.id, index_fn, self.size)                            # (F, 3, H, W)
-        else:
-            frames = read_video(self.paths[i], index_fn, self.size, seek_first=True)[0]
+        frames = (self.store.read(v.id, index_fn, self.size) if self.store                 # (F, 3, H, W)
+                  else read_video(self.paths[i], index_fn, self.size, seek_first=True)[0])
         if self.train and self.augment:
             frames = augment_clip(frames, rng(1))
         return torch.from_numpy(frames), self.classes.index(v.labels[j])
 
 
 def augment_clip(frames, rng):
-    """One random transform for all frames of a clip (F, 3, H, W) uint8, so the motion survives: a crop of
-    0.8-1 of each side scaled back, a flip, contrast and per-channel gain (against learning looks)."""
+    """One random crop, flip, contrast and gain for all frames (F, 3, H, W), so the motion survives, the looks not."""
     n, _, H, W = frames.shape
     h, w = (int(round(rng.uniform(0.8, 1.0) * side)) for side in (H, W))
     y, x = int(rng.integers(0, H - h + 1)), int(rng.integers(0, W - w + 1))
@@ -654,9 +628,8 @@ def augment_clip(frames, rng):
 
 
 class Batches:
-    """The one batch sampler -> lists of indices, or with `configs` of (index, Fidelity), one C-LoFi configuration a
-    batch. train: one permutation (seed + epoch) on all ranks, step s's global batch [s G, (s + 1) G) (G = per_rank *
-    world) split in rank order, the last incomplete one dropped. Else rank r takes r, r + world, ... in order."""
+    """The one batch sampler -> lists of indices (with `configs`: of (index, Fidelity), one a batch). train: a
+    permutation (seed + epoch), global batches split in rank order, the last partial one dropped; else strided."""
 
     def __init__(self, n, per_rank, rank=0, world=1, seed=0, train=True, configs=None, cycle="long", c_l=1, c_s=16):
         self.n, self.B, self.rank, self.world, self.seed, self.train = n, per_rank, rank, world, seed, train
@@ -674,7 +647,6 @@ class Batches:
         self.epoch, self.start_step = epoch, start_step
 
     def config_at(self, epoch, step):
-        """The configuration of a step; the short cycle counts batches from the start of training."""
         if self.configs:
             return fidelity_at(self.configs, self.cycle, epoch, epoch * self.steps + step, self.c_l, self.c_s)
 
@@ -698,11 +670,9 @@ def _first(ids, k=10):
 
 
 class Split:
-    """A subset's usable videos (sorted by id) and the record of those that are not. Videos without a file
-    (not in `names`) are skipped: one line, and <out>/missing.txt. The datasets replace videos that fail to
-    decode (`replacing`); the batches report them to add(), and flush() (a collective under torchrun)
-    prints the new ones and logs each to <out>/log.jsonl (event "broken", id, reason). Past max_bad of the
-    subset the run stops; the evaluation counts them all as misses, as the official protocol does."""
+    """A subset's videos with a file (sorted by id); those without are listed in <out>/missing.txt. Broken ones
+    replaced in batches go to add(); flush() (a collective) logs the new ones to <out>/log.jsonl. Past max_bad
+    the run stops; the evaluation counts them all as misses, as the official protocol does."""
 
     def __init__(self, videos, subset, names, where, out, max_bad, resume=False):
         everything = {k: v for k, v in videos.items() if v.subset == subset}

@@ -393,10 +393,12 @@ def run_metrics(gt, pred, out, subset="validation"):
     return metrics
 
 
-def draw_timeline(path, duration, truth, dets, width=1000, row=26):
-    """A picture of one video: ground truth (green) above the top detections (blue, shade = score), on
-    one time axis. truth: [{label, segment}], dets: [{label, score, segment}] in seconds."""
+def draw_timeline(path, duration, dets, anno=None, vid="", width=1000, row=26):
+    """A picture of one video: its ground truth in the annotation file `anno`, if any (green), above the top
+    detections (blue, shade = score), on one time axis. dets: [{label, score, segment}] in seconds."""
     import cv2                                       # (only the picture needs OpenCV)
+    entries = json.loads(Path(anno).read_text())["database"] if anno else {}
+    truth = [a for k, e in entries.items() if normalise_id(k) == normalise_id(vid) for a in e.get("annotations", [])]
     rows = [("GT " + t["label"], t["segment"], 1.0, (60, 170, 60)) for t in truth] + \
            [(f"{d['label']} {d['score']:.2f}", d["segment"], d["score"], (200, 110, 40)) for d in dets]
     img = np.full((row * (len(rows) + 1) + 10, width, 3), 255, np.uint8)                # (H, W, 3) BGR

@@ -122,8 +122,8 @@ def get_args(argv=None):
 
 
 def check_inputs(p, args):
-    """The rules between flags, and the files they name, each read once and handed on as `inputs`. A
-    refusal is one line naming the flag and the reason, exit 2, before anything is read or written."""
+    """The rules between flags; the files they name, read once, as `inputs`. A refusal is one line naming
+    the flag and the reason, exit 2, before anything is written."""
     def need(ok, message):
         if not ok:
             p.error(message)
@@ -208,9 +208,8 @@ def progress(iterable, desc):
 
 
 def agree(failed, reason, where=""):
-    """Stop every rank if any failed (`failed`: a 1-element tensor on the device, > 0 on a failed rank),
-    naming each failed rank's reason(). One small all_reduce and one read: without it the healthy ranks
-    would wait in their next collective until the process group times out (NCCL: 10 minutes)."""
+    """Stop every rank if any failed (`failed` > 0, a tensor on the device), naming each one's reason(): one
+    small all_reduce and one read, else the healthy ranks wait in their next collective (NCCL: 10 min)."""
     if dist.is_initialized():
         dist.all_reduce(failed)
     if failed.item():  # the one host-device sync
@@ -223,9 +222,9 @@ def agree(failed, reason, where=""):
 
 
 def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext()):
-    """The next batch of `it` and loss_fn(batch) -> (total, {term: tensor}), as fit() runs them. A failure
-    on any rank (loading, the forward pass, a non-finite loss) stops every rank before backward, whose
-    gradient all_reduce a lone healthy rank would wait in. In one process an error keeps its traceback."""
+    """The next batch of `it` and loss_fn(batch). A failure on any rank (loading, forward, a non-finite loss)
+    stops every rank before backward, whose all_reduce a lone healthy rank would wait in. In one process an
+    error keeps its traceback."""
     batch, loss, terms, error, phase = None, None, {}, None, ", loading"
     try:
         batch = next(it)
@@ -243,8 +242,8 @@ def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext
 
 
 def ddp(net, device):
-    """DDP that keeps each rank's BatchNorm buffers (fit broadcasts rank 0's at every epoch end) so
-    that its forward runs no collective: a step's only collectives are the failure check and backward's."""
+    """DDP without buffer broadcasts (fit broadcasts rank 0's BatchNorm statistics at epoch ends): a
+    step's only collectives are the failure check and backward's."""
     if not dist.is_initialized():
         return net
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
@@ -275,12 +274,11 @@ def load_checkpoint(path):
 # ----------------------------------------------------------------------------- the training loop
 def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=None, extra=None, keep=(), split=None,
         on_epoch=None):
-    """The one training loop, of every stage and the lr search: epochs of `sampler` (a data.Batches), load(sampler,
-    epoch) -> batches, loss_fn(batch, epoch, step) -> (total, {term: tensor}), a step a batch, the terms summed on
-    the device and read at the epoch's end. <out>/last.pt (rank 0, at epoch ends and every --save-every steps)
-    holds `parts` (name -> module), `extra`, optimizer, scheduler and position; --resume continues at its step
-    if extra's `keep` entries match. One JSON line an epoch in <out>/log.jsonl, plus what on_epoch(epoch,
-    record) adds. parts None: nothing saved, resumed or logged (the lr search's trial heads)."""
+    """The one training loop (every stage, the lr search): load(sampler, epoch) -> batches, loss_fn(batch, epoch,
+    step) -> (total, {term: tensor}) summed on the device, read at the epoch's end. <out>/last.pt (epoch ends,
+    every --save-every steps) holds `parts` (name -> module), `extra`, optimizer, scheduler and position;
+    --resume continues at its step if extra's `keep` entries match. A JSON line an epoch in <out>/log.jsonl,
+    with what on_epoch(epoch, record) adds. parts None: nothing saved, resumed or logged (trial heads)."""
     rank, world = rank_world()
     path, extra = Path(args.out) / "last.pt", extra or {}
     start, first, partial = 0, 0, {}
@@ -381,17 +379,15 @@ def tal_dataset(args, inputs, videos):
 
 
 def loader(dataset, sampler, args, device):
-    """The one way batches of videos or clips are loaded: `sampler` (data.Batches: training, scoring,
-    extraction, BatchNorm re-estimation, each rank its share) through --workers processes, started
-    afresh for each pass, so a dataset's per-epoch state (clip positions) reaches them."""
+    """The one way videos or clips are loaded, in the batches of `sampler` (a data.Batches), by --workers
+    processes started afresh each pass, so that a dataset's per-epoch state (clip positions) reaches them."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, worker_init_fn=data.worker_init,
                       collate_fn=data.collate, pin_memory=device.type == "cuda")
 
 
 def in_order(args, inputs, split, device, videos=None, per_rank=1, rank=0, world=1):
-    """Full-fidelity batches of a split's videos (or of `videos` among them) in order, rank r taking its
-    stride. A broken video's place goes to the next one (a duplicate the callers overwrite or skip),
-    and the split records it."""
+    """Full-fidelity batches of a split's videos (or `videos`) in order, rank r its stride. A broken video's
+    place goes to the next one (a duplicate the callers overwrite or skip); the split records it."""
     videos = split.videos if videos is None else videos
     batches = data.Batches(len(videos), per_rank, rank, world, train=False)
     for batch in progress(loader(tal_dataset(args, inputs, videos), batches, args, device), split.subset):
@@ -506,15 +502,13 @@ def stage_lofi(args, inputs, rank, world, device):
 # ----------------------------------------------------------------------------- stage 3: head
 @torch.no_grad()
 def extract_features(args, inputs, encoder, split, rank, world, device):
-    """Full-fidelity features of a split's videos, one raw (L, D) float32 <out>/features/<id>.npy a video as
-    it is extracted, each rank a stride. Existing files are skipped (a killed run loses a batch) unless
-    features/key.json (the encoder's file, the geometry) differs. Broken videos get no file."""
+    """Full-fidelity features, one (L, D) float32 <out>/features/<id>.npy a video as extracted, ranks a
+    stride each; existing files are kept (a killed run loses a batch) unless features/key.json (the
+    encoder's file, the geometry) differs. Broken videos get no file."""
     folder, init, todo = Path(args.out) / "features", Path(args.init), [None]
-    stat = init.stat() if init.is_file() else None
-    key = dict(init=str(init.resolve()) if stat else args.init, init_bytes=stat and stat.st_size,
-               init_mtime_ns=stat and stat.st_mtime_ns, **{k: getattr(args, k) for k in (
-                   "depth", "bn_recal", "seed", "amp", "snippets", "frames", "stride", "size")},
-               source="store" if args.store else "videos")
+    stamp = [str(init.resolve()), init.stat().st_size, init.stat().st_mtime_ns] if init.is_file() else args.init
+    key = dict(init=stamp, source="store" if args.store else "videos", **{k: getattr(args, k) for k in (
+        "depth", "bn_recal", "seed", "amp", "snippets", "frames", "stride", "size")})
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
         if not (folder / "key.json").exists() or json.loads((folder / "key.json").read_text()) != key:
@@ -551,9 +545,8 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
 
 
 def train_head(args, feats, videos, lr, device, extra=None):
-    """A fresh G-TAD head on the fixed (D, L) features of `videos`, batches cut from tensors in memory.
-    G-TAD's recipe (spec Sec. 4): Adam, weight decay 1e-4, lr x 0.1 after --lr-step epochs. extra None:
-    a trial head of the lr search, nothing saved or logged; else <out>/last.pt holds the head and extra."""
+    """A fresh G-TAD head on the fixed (D, L) features of `videos`, batches cut from tensors in memory, by
+    G-TAD's recipe (Adam, weight decay 1e-4, lr x 0.1 after lr_step epochs). extra None: a trial head."""
     rank, world = rank_world()
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=feats[videos[0].id].shape[0])).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
@@ -581,9 +574,8 @@ def detect(args, head, feats, videos, scores):
 
 
 def search_lr(args, feats, train, classes, device):
-    """The paper's lr search (Sec. 3.3), scored by average mAP on a held-out tenth of the *training*
-    videos (a seeded draw) after training on the other nine tenths, classes assigned by a video classifier
-    trained on those nine tenths too: the validation subset is never used."""
+    """The paper's lr search (Sec. 3.3): average mAP on a seeded tenth of the *training* videos of heads
+    (and a video classifier) trained on the other nine tenths. The validation subset is never used."""
     held = set(np.random.default_rng([args.seed, 10]).permutation(len(train))[:max(1, len(train) // 10)].tolist())
     dev, fit_on = ([v for i, v in enumerate(train) if (i in held) is side] for side in (True, False))
     gt = dict(database={v.id: dict(subset="validation", duration=v.duration, annotations=[
@@ -602,9 +594,8 @@ def search_lr(args, feats, train, classes, device):
 
 
 def stage_head(args, inputs, rank, world, device):
-    """Frozen encoder -> full-fidelity features -> a G-TAD head from scratch -> detections and mAP on the
-    validation videos; the evaluation takes the ground truth of all of them, so a missing or broken one
-    counts as missed, as the official protocol counts it."""
+    """Frozen encoder -> full-fidelity features -> a fresh G-TAD head -> detections and mAP on the validation
+    videos (a missing or broken one counts as missed, as in the official protocol)."""
     train, val = videos_of(args, inputs, "training"), videos_of(args, inputs, "validation")
     classes = data.class_names(train.videos + val.videos)
     encoder, folder = None, args.features
@@ -652,8 +643,8 @@ def stage_head(args, inputs, rank, world, device):
 
 # ----------------------------------------------------------------------------- utilities
 def training_memory(args, fid, device, checkpoint, amp, snippets):
-    """(bytes per video, fixed bytes) of a training step at fidelity fid: the encoder's cost per snippet
-    (measured on `snippets` of them) times fid.L, plus the head's per video at fid.L."""
+    """(bytes per video, fixed bytes) of a training step at fid: the encoder's per snippet (measured on
+    `snippets`) times L, plus the head's at L."""
     cfg = tsm.TSMConfig(depth=args.depth, checkpoint=checkpoint)
     per_snippet, fixed = tsm.snippet_memory(cfg, args.frames, fid.H, fid.W, device, amp, snippets)
     head = gtad.GTADConfig(feat_dim=2048 if args.depth == 50 else 512)  # the encoder's D
@@ -662,11 +653,12 @@ def training_memory(args, fid, device, checkpoint, amp, snippets):
 
 
 def stage_plan(args):
-    """Training memory per video of full fidelity and S, T, ST-LoFi on this device and, with --budget-gb,
-    how many videos of each fit a batch there, with and without --checkpoint-encoder and --amp."""
+    """Training memory per video of full, S, T and ST fidelity on this device; with --budget-gb, how many
+    videos fit a batch, with and without --checkpoint-encoder and --amp."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full, lofis = fidelity_grid(args)
-    variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else [(args.checkpoint_encoder, args.amp)]
+    variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
+        [(args.checkpoint_encoder, args.amp)]
     snippets = args.plan_snippets or (25 if device.type == "cuda" else 4)
     rows, ref = [], {}
     print0(f"device {device}: marginal activation memory of a training step (the encoder on {snippets} and "
@@ -707,10 +699,7 @@ def stage_detect(args):
                                ck["classes"], args.nms_sigma, args.top_k)
     out = path.parent / f"detect_{Path(args.video).stem}"
     Path(f"{out}.json").write_text(json.dumps(dict(video=args.video, duration=duration, detections=dets)))
-    videos = data.read_annotations(args.anno)[0] if args.anno else {}
-    v = videos.get(Path(args.video).stem) or videos.get(Path(args.video).stem.removeprefix("v_"))
-    truth = [dict(label=lab, segment=list(seg)) for seg, lab in zip(v.segments, v.labels)] if v else []
-    evaluate.draw_timeline(f"{out}.png", duration, truth, dets[:10])
+    evaluate.draw_timeline(f"{out}.png", duration, dets[:10], args.anno, Path(args.video).stem)
     print0(f"{len(dets)} detections -> {out}.json, {out}.png")
     return dets
 

@@ -345,7 +345,7 @@ def step_memory(fn, params, device, amp):
     """Bytes one forward + backward of fn() holds for backward: on CUDA its peak allocated, elsewhere the
     tensors autograd saves (each storage once), without the weights (counted as fixed) and G-TAD's
     sparse alignment matrices (constants shared by all videos)."""
-    for _ in range(2):                         # the first run warms up allocators and caches
+    for _ in range(2 if device.type == "cuda" else 1):   # CUDA: the first run warms up allocators and caches
         storages, skip = {}, {p.untyped_storage().data_ptr() for p in params}
 
         def pack(t):
