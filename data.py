@@ -372,7 +372,7 @@ class FrameStore:
         return at_indices(out, idx, wanted, inverse)
 
 
-def _atomic_save(path, write):
+def atomic_save(path, write):
     """write(file) to a temporary file, then rename it: workers and ranks never see half a file."""
     tmp = path.with_name(f"{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -402,8 +402,8 @@ def _prepare_one(job):
     wanted = stored_frames(video, n, fps, geometry)
     lengths = np.array([len(blobs[j]) for j in range(len(wanted))], np.int64)
     index = np.stack([wanted, np.cumsum(lengths) - lengths, lengths], 1)                      # (K, 3)
-    _atomic_save(root / f"{video.id}.jpg", lambda f: [f.write(blobs[j].tobytes()) for j in range(len(wanted))])
-    _atomic_save(root / f"{video.id}.idx.npy", lambda f: np.save(f, index))   # last: the video is complete
+    atomic_save(root / f"{video.id}.jpg", lambda f: [f.write(blobs[j].tobytes()) for j in range(len(wanted))])
+    atomic_save(root / f"{video.id}.idx.npy", lambda f: np.save(f, index))   # last: the video is complete
     return _record(video.id, frames=n, fps=fps, duration=n / fps, stored=len(wanted), bytes=int(lengths.sum()))
 
 
@@ -430,7 +430,7 @@ def prepare(anno, video_dir, root, geometry, workers=1):
             raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
         root.mkdir(parents=True, exist_ok=True)
         (root / "manifest.jsonl").touch()
-        _atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
+        atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
     if (store := FrameStore(root)).config != config:
         raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
                        "give another folder")

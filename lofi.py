@@ -72,7 +72,8 @@ def get_args(argv=None):
     add("--max-bad", type=data.fraction, default=0.1, help="stop past this fraction of bad videos")
     # model
     add("--depth", type=int, default=18, choices=[18, 34, 50], help="TSM-ResNet depth")
-    add("--init", help="none | imagenet | PATH (TSM, torchvision or lofi weights)")
+    add("--init", help="none | imagenet | PATH (TSM, torchvision or lofi weights); default: the last.pt of the "
+        "stage before")
     # fidelity (stage 2)
     add("--fidelity", choices=["s", "t", "st", "full"], help="one configuration, not a cycle")
     add("--cycle", default="long", choices=["long", "short"], help="C-LoFi schedule (default long)")
@@ -253,14 +254,7 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
-# ----------------------------------------------------------------------------- checkpoints and logs
-def save_checkpoint(path, state):
-    """Write then rename, so a killed run never leaves a half-written checkpoint."""
-    tmp = Path(str(path) + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
+# ----------------------------------------------------------------------------- checkpoints
 def load_checkpoint(path):
     if not Path(path).is_file():
         raise data.BadInput(f"checkpoint {path} not found")
@@ -304,10 +298,10 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
         if split:
             split.flush(f"in epoch {epoch}" if step else f"in epoch {epoch - 1}")
         if rank == 0:
-            save_checkpoint(path, dict(stage=name, **{k: m.state_dict() for k, m in parts.items()}, **extra,
-                                       optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch,
-                                       step=step, world=world, args=vars(args),
-                                       partial=step and {k: v.item() for k, v in sums.items()}))
+            state = dict(stage=name, **{k: m.state_dict() for k, m in parts.items()}, **extra,
+                         optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step, world=world,
+                         args=vars(args), partial=step and {k: v.item() for k, v in sums.items()})
+            data.atomic_save(path, lambda f: torch.save(state, f))  # a killed run keeps the last whole file
     raw = model.module if isinstance(model, DDP) else model
     for epoch in range(start, args.epochs):
         t0 = time.time()
@@ -526,9 +520,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
             with autocast(args, device):
                 x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()  # (B, L, D)
             for vid, feat in zip(batch["ids"], x):  # (a broken video's stand-in: the same file)
-                with open(folder / f"{vid}.npy.tmp", "wb") as f:
-                    np.save(f, feat)  # (L, D)
-                os.replace(folder / f"{vid}.npy.tmp", folder / f"{vid}.npy")
+                data.atomic_save(folder / f"{vid}.npy", lambda f: np.save(f, feat))  # (L, D)
     except Exception as e:  # ranks have different batch counts: one check at the end
         if world == 1:
             raise
