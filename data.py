@@ -219,22 +219,24 @@ def seek(path, cap, fps, frame):
     return open_video(path)[0], 0
 
 
-def at_indices(frames, idx, wanted, inverse):
-    """Frames (K, ...) at `wanted` = np.unique(idx) -> (*idx.shape, ...): a reshape where idx is sorted unique."""
+def unique_frames(idx):
+    """Frame indices -> (wanted = np.unique(idx), arrange: frames (K, ...) at wanted -> (*idx.shape, ...)): the
+    readers decode each frame once; arrange is a reshape where idx is sorted and unique."""
+    idx = np.asarray(idx)
+    wanted, inverse = np.unique(idx, return_inverse=True)
     if np.array_equal(wanted, idx.ravel()):
-        return frames.reshape(*idx.shape, *frames.shape[1:])
-    return np.take(frames, inverse.reshape(idx.shape), axis=0)
+        return wanted, lambda frames: frames.reshape(*idx.shape, *frames.shape[1:])
+    return wanted, lambda frames: np.take(frames, inverse.reshape(idx.shape), axis=0)
 
 
 def read_video(path, index_fn, size, seek_first=False, put=None, frames=None):
     """The frames index_fn(num_frames, fps) asks for -> (frames (*idx.shape, 3, H, W) RGB uint8, n, fps), in one
-    pass (seek_first: from a seek), or each BGR frame to put(j, frame). A stream shorter than its container says,
-    within tolerance, is read again with `frames` = the true count: no index past its end is another frame."""
+    pass (seek_first: from a seek), or each BGR frame to put(j, frame) (then -> frame numbers, n, fps). A stream
+    short of its container's count, within tolerance, is read again at the true count: no index is past its end."""
     cap, stated, fps = open_video(path)
     n = frames or stated
     try:
-        idx = np.asarray(index_fn(n, fps))
-        wanted, inverse = np.unique(idx, return_inverse=True)
+        wanted, arrange = unique_frames(index_fn(n, fps))
         cap, pos = seek(path, cap, fps, int(wanted[0])) if seek_first else (cap, 0)
         out = None if put else np.empty((len(wanted), 3, *size), np.uint8)                 # (K, 3, H, W)
         for j, t in enumerate(wanted):                   # grab() skips, retrieve() converts only these
@@ -248,7 +250,7 @@ def read_video(path, index_fn, size, seek_first=False, put=None, frames=None):
             else:
                 out[j] = fit_frame(img, size).transpose(2, 0, 1)[::-1]              # channels first, BGR -> RGB
         else:
-            return (None if put else at_indices(out, idx, wanted, inverse)), n, fps
+            return (wanted if put else arrange(out)), n, fps
     finally:
         cap.release()
     true_n = min(pos, t)                 # frames in the stream: grab() failed at pos, or retrieve() at t
@@ -296,6 +298,7 @@ GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
 JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]   # (4:2:0 colour, as in the source videos; README: size, feature cosine)
 REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
            8: cv2.IMREAD_REDUCED_COLOR_8}
+RECORD = dict(id=None, frames=None, fps=None, duration=None, stored=0, bytes=0, error=None)   # a manifest line
 
 
 def stored_frames(video, n, fps, geometry):
@@ -321,10 +324,11 @@ class FrameStore:
         self.root, self.records = Path(root), {}
         try:
             self.config = json.loads((self.root / "store.json").read_text())
-            lines = (self.root / "manifest.jsonl").read_text().splitlines()
+            manifest = (self.root / "manifest.jsonl").read_text()
         except (OSError, ValueError) as e:
             raise BadInput(f"{root}: not a frame store ({e}); make one with `python data.py prepare`") from None
-        for line in lines:
+        self.cut = manifest[-1:] not in ("", "\n")  # a kill cut the last line: prepare starts a new one after it
+        for line in manifest.splitlines():
             try:
                 r = json.loads(line)
             except ValueError:                       # the last line of a killed prepare: that video is redone
@@ -344,8 +348,7 @@ class FrameStore:
     def read(self, vid, index_fn, size):
         """As read_video, at H x W: -> (*idx.shape, 3, H, W) RGB uint8."""
         r, side, jpg, (H, W) = self.records[vid], self.config["size"], self.root / f"{vid}.jpg", size
-        idx = np.asarray(index_fn(r["frames"], r["fps"]))
-        wanted, inverse = np.unique(idx, return_inverse=True)
+        wanted, arrange = unique_frames(index_fn(r["frames"], r["fps"]))
         index = np.load(self.root / f"{vid}.idx.npy")                                          # (K, 3)
         if len(absent := np.setdiff1d(wanted, index[:, 0])):
             raise VideoError(f"{jpg}: frames {absent[:5].tolist()} are not in the store (prepared for another "
@@ -369,7 +372,7 @@ class FrameStore:
                 if img.shape[:2] != (H, W):
                     img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)
                 out[j] = img.transpose(2, 0, 1)[::-1]
-        return at_indices(out, idx, wanted, inverse)
+        return arrange(out)
 
 
 def atomic_save(path, write):
@@ -383,11 +386,6 @@ def atomic_save(path, write):
         tmp.unlink(missing_ok=True)                  # a failed write leaves nothing behind
 
 
-def _record(vid, error=None, **decoded):
-    empty = dict(id=vid, frames=None, fps=None, duration=None, stored=0, bytes=0)
-    return dict(empty, **decoded, error=error)
-
-
 def _prepare_one(job):
     """One video into the store (in a worker process) -> its manifest record."""
     video, path, root, geometry = job
@@ -396,15 +394,14 @@ def _prepare_one(job):
     def put(j, frame):
         blobs[j] = cv2.imencode(".jpg", frame, JPEG)[1]
     try:
-        _, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side), put=put)
+        wanted, n, fps = read_video(path, lambda n, fps: stored_frames(video, n, fps, geometry), (side, side), put=put)
     except VideoError as e:
-        return _record(video.id, str(e))
-    wanted = stored_frames(video, n, fps, geometry)
+        return dict(RECORD, id=video.id, error=str(e))
     lengths = np.array([len(blobs[j]) for j in range(len(wanted))], np.int64)
     index = np.stack([wanted, np.cumsum(lengths) - lengths, lengths], 1)                      # (K, 3)
     atomic_save(root / f"{video.id}.jpg", lambda f: [f.write(blobs[j].tobytes()) for j in range(len(wanted))])
     atomic_save(root / f"{video.id}.idx.npy", lambda f: np.save(f, index))   # last: the video is complete
-    return _record(video.id, frames=n, fps=fps, duration=n / fps, stored=len(wanted), bytes=int(lengths.sum()))
+    return dict(RECORD, id=video.id, frames=n, fps=fps, duration=n / fps, stored=len(wanted), bytes=int(lengths.sum()))
 
 
 def _unordered(fn, jobs, workers):
@@ -437,17 +434,14 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     done, files = store.ready(), video_files(video_dir)
     todo = [videos[k] for k in sorted(videos) if k not in done]
     jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
-    gone = [_record(v.id, f"missing: no file in {video_dir}") for v in todo if v.id not in files]
+    gone = [dict(RECORD, id=v.id, error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
     if done:
         print(f"{len(done)} videos already in {root}; {len(jobs)} to decode")
     decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None, dynamic_ncols=True)
-    with open(root / "manifest.jsonl", "a+b") as manifest:
-        if manifest.seek(0, os.SEEK_END):
-            manifest.seek(-1, os.SEEK_END)
-            if manifest.read(1) != b"\n":
-                manifest.write(b"\n")               # a line cut by a kill stays alone (and is ignored)
+    with open(root / "manifest.jsonl", "a") as manifest:
+        manifest.write("\n" * store.cut)           # a line cut by a kill stays alone (and is ignored)
         for record in chain(gone, decoded):
-            manifest.write((json.dumps(record) + "\n").encode())
+            manifest.write(json.dumps(record) + "\n")
             manifest.flush()                         # each finished video survives a kill
     final = [r for vid, r in FrameStore(root).records.items() if vid in videos]
     stored = sum(r["error"] is None for r in final)
@@ -458,7 +452,7 @@ def prepare(anno, video_dir, root, geometry, workers=1):
 
 # ----------------------------------------------------------------------------- checks
 def _probe(job):
-    """(k, id, annotated duration, path, deep) -> (k, errors, warnings) from decoding its first frame (deep: all)."""
+    """One video's errors and warnings from decoding its first frame (deep: all of them)."""
     k, vid, duration, path, deep = job
     try:
         cap, n, fps = open_video(path)
@@ -503,67 +497,67 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
 
 
 # ----------------------------------------------------------------------------- datasets
-def _usable(videos, source, classes=None):
-    """The datasets' fail-fast start, the cheap half of `check` -> (videos, their files, the FrameStore or None)."""
-    videos = list(videos.values() if isinstance(videos, dict) else videos)
-    store = source if isinstance(source, FrameStore) else None
-    files = {vid: None for vid in store.ready()} if store else video_files(source)
-    errors, _ = check(videos, store.root if store else source, decode=False, classes=classes, files=files)
-    if errors:
-        raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n" + "\n".join(errors[:20]))
-    return videos, [files[v.id] for v in videos], store
-
-
 def normalised_segments(video):
     """A video's segments as fractions of its annotated duration: float32 tensor (N, 2) in [0, 1]."""
     return torch.from_numpy(np.clip(video.segments / video.duration, 0, 1)).float()
 
 
-def replacing(read, n, index, name):
-    """read(index), or of the next index that works -> (index, item, [dict(id, reason, by)]): batches keep their
-    size. Only a broken video (VideoError, file gone) is replaced; a full disk propagates."""
-    replaced = []
-    for k in range(index, index + min(n, REPLACE_TRIES)):
-        try:
-            item = read(k % n)
-        except (VideoError, FileNotFoundError) as e:
-            replaced.append(dict(id=name(k % n), reason=str(e)))
-            continue
-        return k % n, item, [dict(r, by=name(k % n)) for r in replaced]
-    raise VideoError(f"{len(replaced)} videos in a row failed to decode, from {replaced[0]['id']}: "
-                     f"{replaced[0]['reason']}")
+class _Videos(torch.utils.data.Dataset):
+    """Both datasets: a fail-fast start (the cheap half of `check`), frames from the FrameStore or a file, and an
+    item whose video is broken (VideoError, file gone) replaced by the next that reads, recorded in `replaced`:
+    batches keep their size; a full disk propagates. Subclasses set video_of (item -> video) and _item."""
+
+    def __init__(self, videos, source, classes=None):
+        self.videos = list(videos.values() if isinstance(videos, dict) else videos)
+        self.store = source if isinstance(source, FrameStore) else None
+        files = {vid: None for vid in self.store.ready()} if self.store else video_files(source)
+        errors, _ = check(self.videos, self.store.root if self.store else source, False, classes, files=files)
+        if errors:
+            raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
+                           + "\n".join(errors[:20]))
+        self.paths = [files[v.id] for v in self.videos]
+
+    def __len__(self):
+        return len(self.video_of)
+
+    def __getitem__(self, item):
+        first, *fidelity = item if isinstance(item, tuple) else (item,)
+        n, replaced = len(self), []
+        for k in range(first, first + min(n, REPLACE_TRIES)):
+            try:
+                out = self._item(k % n, *fidelity)
+            except (VideoError, FileNotFoundError) as e:
+                replaced.append(dict(id=self.videos[self.video_of[k % n]].id, reason=str(e)))
+                continue
+            return dict(out, replaced=[dict(r, by=out["id"]) for r in replaced])
+        raise VideoError(f"{len(replaced)} videos in a row failed to decode, from {replaced[0]['id']}: "
+                         f"{replaced[0]['reason']}")
+
+    def _read(self, i, index_fn, size, seek_first=False):
+        if self.store:
+            return self.store.read(self.videos[i].id, index_fn, size)
+        return read_video(self.paths[i], index_fn, size, seek_first)[0]
 
 
-class TALDataset(torch.utils.data.Dataset):
+class TALDataset(_Videos):
     """(index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments (N, 2) in
     [0, 1], labels, id, duration, fidelity, replaced)."""
 
     def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224)):
-        self.videos, self.paths, self.store = _usable(videos, source)
-        self.F, self.stride, self.full = F, stride, full
+        super().__init__(videos, source)
+        self.F, self.stride, self.full, self.video_of = F, stride, full, range(len(self.videos))
 
-    def __len__(self):
-        return len(self.videos)
-
-    def __getitem__(self, item):
-        index, fid = item if isinstance(item, tuple) else (item, self.full)
-        index, frames, replaced = replacing(lambda i: self._frames(i, fid), len(self), index,
-                                            lambda i: self.videos[i].id)                    # (L, F, 3, H, W)
-        v = self.videos[index]
-        return dict(frames=torch.from_numpy(frames), segments=normalised_segments(v), labels=list(v.labels),
-                    id=v.id, duration=v.duration, fidelity=fid, replaced=replaced)
-
-    def _frames(self, index, fid):
+    def _item(self, index, fid=None):
+        v, fid = self.videos[index], fid or self.full
         index_fn = lambda n, fps: snippet_indices(n, fid.L, self.F, self.stride)
-        if self.store:
-            return self.store.read(self.videos[index].id, index_fn, (fid.H, fid.W))
-        frames = read_video(self.paths[index], index_fn, (self.full.H, self.full.W))[0]   # (L, F, 3, H0, W0)
-        if frames.shape[-2:] == (fid.H, fid.W):
-            return frames
-        # A lower fidelity is resized from the full one, each colour plane by INTER_AREA.
-        planes = frames.reshape(-1, *frames.shape[-2:])                                     # (L * F * 3, H0, W0)
-        out = np.stack([cv2.resize(p, (fid.W, fid.H), interpolation=cv2.INTER_AREA) for p in planes])
-        return out.reshape(*frames.shape[:-2], fid.H, fid.W)                                 # (L, F, 3, H, W)
+        # The store decodes at H x W; a file at the full one, a lower fidelity resized from it (INTER_AREA a plane).
+        frames = self._read(index, index_fn, (fid.H, fid.W) if self.store else (self.full.H, self.full.W))
+        if frames.shape[-2:] != (fid.H, fid.W):
+            planes = frames.reshape(-1, *frames.shape[-2:])                                 # (L * F * 3, H0, W0)
+            out = np.stack([cv2.resize(p, (fid.W, fid.H), interpolation=cv2.INTER_AREA) for p in planes])
+            frames = out.reshape(*frames.shape[:-2], fid.H, fid.W)                          # (L, F, 3, H, W)
+        return dict(frames=torch.from_numpy(frames), segments=normalised_segments(v), labels=list(v.labels),
+                    id=v.id, duration=v.duration, fidelity=fid)
 
 
 def collate(batch):
@@ -579,36 +573,28 @@ def collate(batch):
                 fidelity=batch[0]["fidelity"])           # (Batches gives a batch one fidelity)
 
 
-class ClipDataset(torch.utils.data.Dataset):
+class ClipDataset(_Videos):
     """Stage 1 (ACP+): F frames at a stride inside one action instance -> dict(frames uint8 (F, 3, H, W), label, id,
     replaced), placed by (seed, epoch, index) when training, else centred."""
 
     def __init__(self, videos, source, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
-        self.videos, self.paths, self.store = _usable(videos, source, classes)
+        super().__init__(videos, source, classes)
         self.items = [(i, j) for i, v in enumerate(self.videos) for j in range(len(v.segments))]
+        self.video_of = [i for i, _ in self.items]
         self.classes, self.F, self.stride, self.size = list(classes), F, stride, tuple(size)
         self.train, self.seed, self.augment, self.epoch = train, seed, augment, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
 
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, k):
-        id_of = lambda q: self.videos[self.items[q][0]].id
-        q, (frames, label), replaced = replacing(self._clip, len(self), k, id_of)
-        return dict(frames=frames, label=label, id=id_of(q), replaced=replaced)
-
-    def _clip(self, k):
+    def _item(self, k):
         (i, j), rng = self.items[k], lambda *key: np.random.default_rng([self.seed, self.epoch, k, *key])
         v, u = self.videos[i], rng().random() if self.train else 0.5
         index_fn = lambda n, fps: clip_indices(*instance_frames(v.segments[j], n, fps), u, self.F, self.stride)
-        frames = (self.store.read(v.id, index_fn, self.size) if self.store                 # (F, 3, H, W)
-                  else read_video(self.paths[i], index_fn, self.size, seek_first=True)[0])
+        frames = self._read(i, index_fn, self.size, seek_first=True)                        # (F, 3, H, W)
         if self.train and self.augment:
             frames = augment_clip(frames, rng(1))
-        return torch.from_numpy(frames), self.classes.index(v.labels[j])
+        return dict(frames=torch.from_numpy(frames), label=self.classes.index(v.labels[j]), id=v.id)
 
 
 def augment_clip(frames, rng):
@@ -639,8 +625,7 @@ class Batches:
         if train and self.steps == 0:
             raise BadInput(f"{n} videos cannot fill one batch of {world} x {per_rank} "
                            "(--batch-size is global: lower it)")
-        if self.configs:
-            fidelity_at(self.configs, cycle, 0, 0, c_l, c_s)         # fail now on a bad cycle name
+        self.config_at(0, 0)                                          # fail now on a bad cycle name
 
     def set_epoch(self, epoch, start_step=0):
         """start_step: skip the epoch's first steps (a run resumed from a mid-epoch checkpoint)."""
@@ -658,8 +643,7 @@ class Batches:
             order = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
             batches = order[:self.steps * self.world * self.B].view(self.steps, self.world, self.B)[:, self.rank]
         else:
-            mine = torch.arange(self.rank, self.n, self.world)
-            batches = [mine[s * self.B:(s + 1) * self.B] for s in range(self.steps)]
+            batches = torch.arange(self.rank, self.n, self.world).split(self.B)
         for s in range(self.start_step, self.steps):
             fid, batch = self.config_at(self.epoch, s), batches[s].tolist()
             yield [(i, fid) for i in batch] if fid else batch

@@ -478,10 +478,10 @@ def test_store_refuses_other_settings_and_bad_frames(synth_set, store, tmp_path)
     (copy / f"{vid}.jpg").write_bytes(b"\0" * (copy / f"{vid}.jpg").stat().st_size)
     ds = data.TALDataset([videos[vid]], data.FrameStore(copy), 4, 2, full=TINY)
     with pytest.raises(data.VideoError, match=rf"{vid}.jpg: frame \d+ does not decode"):
-        ds._frames(0, TINY)
+        ds._item(0, TINY)
     (copy / f"{vid}.jpg").write_bytes(b"")                                # cut to nothing: no cv2.error escapes
     with pytest.raises(data.VideoError, match=rf"{vid}.jpg: frame \d+ does not decode \(the file ends"):
-        ds._frames(0, TINY)
+        ds._item(0, TINY)
     # A store path under a file, a damaged store.json: one line, exit code 2.
     for store_arg in (synth_set / "anno.json" / "x", copy):
         if store_arg == copy:
