@@ -29,6 +29,7 @@ from tqdm import tqdm
 EXTENSIONS = ("mp4", "mkv", "webm", "avi")
 TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
 SYNTH_CLASSES = ("circular", "horizontal", "vertical")
+KINETICS_CLASSES = ("sideways", "rise", "fall", "slant", "spin", "rock", "grow", "shrink", "figure8")   # synth_kinetics
 REPLACE_TRIES = 16    # broken videos in a row before an item gives up (--max-bad has long stopped the run)
 
 
@@ -707,7 +708,24 @@ class Split:
             self.check()
 
 
-# ----------------------------------------------------------------------------- synthetic dataset
+# ----------------------------------------------------------------------------- synthetic datasets
+def _write_video(path, fps, frames):
+    """BGR uint8 frames (H, W, 3), from an iterable -> an mp4v file."""
+    frames = iter(frames)
+    first = next(frames)
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, first.shape[1::-1])
+    if not writer.isOpened():
+        raise RuntimeError(f"{path}: OpenCV cannot write mp4v video")
+    for frame in chain([first], frames):
+        writer.write(frame)
+    writer.release()
+
+
+def _write_anno(out_dir, database):
+    (out_dir / "anno.json").write_text(json.dumps(dict(version="synthetic", taxonomy=[], database=database), indent=1))
+    return out_dir / "anno.json"
+
+
 def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
     """An ActivityNet-shaped synthetic dataset, a pure function of the seed, whose actions show only in motion:
     a checkered 24-pixel object (12-16 pixels were too weak a signal: looks got memorised) on a still background,
@@ -757,22 +775,75 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
             pos[a:b] += np.stack([[cos, sin], [zero, sin], [sin, zero]][cls], 1)
             notes.append(dict(segment=[a / fps, b / fps], label=SYNTH_CLASSES[cls]))
         noise = rng.normal(0, 2, (8, H, W, 3))
-        path = out_dir / "videos" / f"synth_{k:04d}.mp4"
-        writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, (W, H))
-        if not writer.isOpened():
-            raise RuntimeError(f"{path}: OpenCV cannot write mp4v video")
         canvas = cv2.copyMakeBorder(background, S, S, S, S, cv2.BORDER_REFLECT)   # room for the shake
-        for t in range(n):
-            frame = canvas.astype(np.float64)                                # (H + 2S, W + 2S, 3)
-            y, x = np.round(pos[t]).astype(int) + S
-            frame[y:y + P, x:x + P] = thing
-            dy, dx = S + shake[t]
-            writer.write(np.clip(frame[dy:dy + H, dx:dx + W] + noise[rng.integers(8)], 0, 255).astype(np.uint8))
-        writer.release()
+
+        def frames():
+            for t in range(n):
+                frame = canvas.astype(np.float64)                            # (H + 2S, W + 2S, 3)
+                y, x = np.round(pos[t]).astype(int) + S
+                frame[y:y + P, x:x + P] = thing
+                dy, dx = S + shake[t]
+                yield np.clip(frame[dy:dy + H, dx:dx + W] + noise[rng.integers(8)], 0, 255).astype(np.uint8)
+        _write_video(out_dir / "videos" / f"synth_{k:04d}.mp4", fps, frames())
         database[f"synth_{k:04d}"] = dict(subset="validation" if k % 4 == 3 else "training", duration=n / fps,
                                           annotations=notes, distractors=distractors)
-    (out_dir / "anno.json").write_text(json.dumps(dict(version="synthetic", taxonomy=[], database=database), indent=1))
-    return out_dir / "anno.json"
+    return _write_anno(out_dir, database)
+
+
+def synth_kinetics(out_dir, clips=1000, seed=0, fps=10, size=(64, 80)):
+    """A miniature Kinetics for stage 1 (the paper's ACP): trimmed 1-1.6 s clips, one class each, in turn (every
+    fifth clip validation), one instance covering the clip. The classes are motion primitives, each the same class
+    in a mirror (stage 1's augmentation flips): a one-off drift sideways, up, down or on a diagonal; a spin; a
+    rocking rotation; growing or shrinking once; a figure eight.
+    Speed, distance, period and start are drawn per clip, and so, independently of the class, is the look: an
+    object of 14-26 pixels with its own random checkered texture, on its own smooth random background. No target
+    set's class is among them (a swing on a circle, a line or a diagonal, a pulsing size: synth's SYNTH_CLASSES,
+    tests/bench/other_synth.py): stage 1 has to transfer, as Kinetics to ActivityNet."""
+    out_dir, (H, W) = Path(out_dir), size
+    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
+    database, x_lo = {}, (W - H) // 2
+    for k in range(clips):
+        rng, cls = np.random.default_rng([seed, k, 400]), k % len(KINETICS_CLASSES)
+        n, P = int(rng.integers(fps, 1.6 * fps + 1)), int(rng.integers(14, 27))
+        Q = 2 * P                                                  # room for the object turned and grown
+        cells = int(rng.integers(2, 5))
+        texture = cv2.resize(rng.integers(0, 256, (cells, cells, 3)).astype(np.uint8), (P, P),
+                             interpolation=cv2.INTER_NEAREST)                            # (P, P, 3)
+        tile, inside = np.zeros((Q, Q, 3), np.uint8), np.zeros((Q, Q), np.float32)
+        tile[P // 2:P // 2 + P, P // 2:P // 2 + P], inside[P // 2:P // 2 + P, P // 2:P // 2 + P] = texture, 1
+        grid = int(rng.integers(3, 9))
+        background = cv2.resize(rng.integers(40, 216, (grid, grid * W // H, 3)).astype(np.uint8), (W, H))
+        t, speed = np.arange(n) - (n - 1) / 2, rng.uniform(2, 3)                        # pixels a frame
+        phi = 2 * np.pi * np.arange(n) / (rng.uniform(0.8, 1.6) * fps) + rng.uniform(0, 2 * np.pi)
+        amp, zero, one = rng.uniform(5, 10), 0 * t, 1 + 0 * t
+        sx, sy = rng.choice([-1, 1], 2)                            # which way: the class does not say
+        y, x, angle, scale = {                                     # offsets from the centre, degrees, factor
+            "sideways": (zero, sx * speed * t, zero, one), "rise": (-speed * t, zero, zero, one),
+            "fall": (speed * t, zero, zero, one), "slant": (sy * speed * t / 1.4, sx * speed * t / 1.4, zero, one),
+            "spin": (zero, zero, sx * rng.uniform(15, 35) * t, one),
+            "rock": (zero, zero, rng.uniform(30, 60) * np.sin(phi), one),
+            "grow": (zero, zero, zero, 1 + 0.5 * t / t.max() * rng.uniform(0.6, 1)),
+            "shrink": (zero, zero, zero, 1 - 0.5 * t / t.max() * rng.uniform(0.6, 1)),
+            "figure8": (amp / 2 * np.sin(2 * phi), sx * amp * np.sin(phi), zero, one)}[KINETICS_CLASSES[cls]]
+        reach = np.abs(np.concatenate([y, x])).max() + 0.35 * P * scale.max()   # at least half in the centre crop
+        cy, cx = rng.uniform(reach, H - reach, 2) if reach < H / 2 else (H / 2, H / 2)
+        noise = rng.normal(0, 2, (8, H, W, 3))
+        canvas = cv2.copyMakeBorder(background, Q, Q, Q, Q, cv2.BORDER_REFLECT).astype(np.float64)
+
+        def frames():
+            for i in range(n):
+                frame = canvas.copy()                                            # (H + 2Q, W + 2Q, 3)
+                turn = cv2.getRotationMatrix2D((Q / 2, Q / 2), angle[i], scale[i])
+                obj = cv2.warpAffine(tile, turn, (Q, Q)).astype(np.float64)
+                mask = cv2.warpAffine(inside, turn, (Q, Q))[..., None]                   # (Q, Q, 1) in [0, 1]
+                top, left = int(round(Q + cy + y[i] - Q / 2)), int(round(Q + x_lo + cx + x[i] - Q / 2))
+                box = frame[top:top + Q, left:left + Q]
+                box[:] = mask * obj + (1 - mask) * box
+                yield np.clip(frame[Q:Q + H, Q:Q + W] + noise[rng.integers(8)], 0, 255).astype(np.uint8)
+        _write_video(out_dir / "videos" / f"clip_{k:05d}.mp4", fps, frames())
+        database[f"clip_{k:05d}"] = dict(subset="validation" if k % 5 == 4 else "training", duration=n / fps,
+                                         annotations=[dict(segment=[0, n / fps], label=KINETICS_CLASSES[cls])])
+    return _write_anno(out_dir, database)
 
 
 # ----------------------------------------------------------------------------- command line
@@ -781,7 +852,10 @@ def main(argv=None):
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
     p.add_argument("out_dir")
-    p.add_argument("--videos", type=at_least_4, default=128, help="number of videos (3:1 training:validation)")
+    p.add_argument("--shape", choices=("anet", "kinetics"), default="anet",
+                   help="anet: untrimmed videos (default); kinetics: trimmed clips for stage 1, no anet class")
+    p.add_argument("--videos", type=at_least_4, help="number of videos (anet: 128, 3:1 training:validation; "
+                   "kinetics: 2000 clips, 4:1)")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="the dataset is a pure function of the seed")
     check_p = sub.add_parser("check", help="list every problem that would break or mislabel training")
     prepare_p = sub.add_parser("prepare", help="decode every video once into a frame store that every stage can read")
@@ -801,8 +875,9 @@ def main(argv=None):
         parser.error(f"--videos {args.videos}: not a folder")
     try:
         if args.command == "synth":
-            anno = synth(args.out_dir, args.videos, args.seed)
-            print(f"{args.videos} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
+            make, count = (synth, 128) if args.shape == "anet" else (synth_kinetics, 2000)
+            anno = make(args.out_dir, args.videos or count, args.seed)
+            print(f"{args.videos or count} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
             return 0
         if args.command == "prepare":
             geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}

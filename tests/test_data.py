@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import data
+from bench import other_synth
 from data import Fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -368,6 +369,51 @@ def naive_frames(path, size):
     frames = [data.fit_frame(f, size) for ok, f in iter(cap.read, (False, None))]
     cap.release()
     return frames
+
+
+def _track(frames):
+    """Frames (n, 3, H, W) -> the object's centre (n, 2) (y, x) and spread (n,), from its sharp edges (a checkered
+    texture, on a smooth background)."""
+    f = frames.astype(np.float64)
+    edges = (np.abs(np.diff(f, axis=2))[..., :-1] + np.abs(np.diff(f, axis=3))[..., :-1, :]).max(1) > 60
+    yx = [np.argwhere(e).astype(np.float64) for e in edges]                        # n x (K, 2)
+    return np.array([p.mean(0) for p in yx]), np.array([np.sqrt(((p - p.mean(0)) ** 2).sum(1).mean()) for p in yx])
+
+
+def test_kinetics_clips_move_as_their_class_and_look_like_any(tmp_path):
+    # Neither target set's classes (synth's, tests/bench/other_synth.py's) is a pre-training class.
+    videos, _ = data.read_annotations(data.synth_kinetics(tmp_path, clips=72, seed=1))
+    assert not set(data.class_names(videos)) & {*data.SYNTH_CLASSES, *other_synth.CLASSES}
+    assert set(data.class_names(videos)) == set(data.KINETICS_CLASSES)
+    assert data.check(videos.values(), tmp_path / "videos") == ([], [])
+    looks, labels, moves = [], [], {}
+    for v in videos.values():
+        frames, n, fps = data.read_video(tmp_path / "videos" / f"{v.id}.mp4", lambda n, fps: np.arange(n), (64, 80))
+        assert abs(n / fps - v.duration) < 1e-6 and 1 <= v.duration <= 1.6 and v.segments.tolist() == [[0, v.duration]]
+        centre, spread = _track(frames)
+        (dy, dx), (py, px) = centre[-3:].mean(0) - centre[:3].mean(0), np.ptp(centre, 0)    # net and range moved
+        grew, label = spread[-3:].mean() / spread[:3].mean(), v.labels[0]
+        moves.setdefault(label, []).append((dy, abs(dx), py, px, grew))
+        middle = frames[n // 2].reshape(3, -1).astype(np.float64)
+        looks.append(np.r_[middle.mean(1), middle.std(1), spread[n // 2]])
+        labels.append(label)
+    # A drift goes one way (a target swings back and forth), a figure eight goes back, the rest stay in place:
+    # per class, the median clip's net move dy, |dx|, range moved (y, x) and size end / start.
+    m = {label: np.median(np.array(rows), 0) for label, rows in moves.items()}
+    for label, (dy, dx, py, px, grew) in m.items():
+        assert {"sideways": dx > 6 > 2 > abs(dy) and dx > 0.6 * px, "rise": -dy > 6 > 2 > dx and -dy > 0.6 * py,
+                "fall": dy > 6 > 2 > dx and dy > 0.6 * py, "slant": dx > 3 and dx > 0.6 * px and py > 6,
+                "spin": max(abs(dy), dx) < 2 and 0.9 < grew < 1.1, "rock": max(abs(dy), dx) < 2 and 0.9 < grew < 1.1,
+                "grow": max(abs(dy), dx) < 2 and grew > 1.5, "shrink": max(abs(dy), dx) < 2 and grew < 0.7,
+                "figure8": px > dx + 3 and py > 3}[label], (label, m[label])
+    # The look (colours, contrast, size in the middle frame) predicts the class no better than chance: nearest
+    # class mean, fitted on two thirds, tested on the rest.
+    looks, labels = (looks - np.mean(looks, 0)) / np.std(looks, 0), np.array(labels)
+    fit = np.arange(len(labels)) // len(data.KINETICS_CLASSES) % 3 != 0   # (classes in turn)
+    names = sorted(set(labels))
+    means = np.stack([looks[fit & (labels == c)].mean(0) for c in names])
+    guess = np.array(names)[((looks[~fit, None] - means) ** 2).sum(-1).argmin(1)]
+    assert (guess == labels[~fit]).mean() < 2.5 / len(names)
 
 
 def jpeg_round_trip(bgr, size):
