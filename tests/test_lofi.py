@@ -3,6 +3,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -238,19 +239,26 @@ def dirty(tmp_path_factory):
     return root, dict(gone=gone, cut=cut, empty=empty, val_gone=val_gone)
 
 
-def prepare(root, store, *extra):
-    run = subprocess.run([sys.executable, str(ROOT / "data.py"), "prepare", "--anno", str(root / "anno.json"),
-                          "--videos", str(root / "videos"), "--store", str(store), "--preset", "tiny",
-                          "--snippets", "12", "--frames", "2", "--stride", "2", "--size", "32", *extra],
-                         capture_output=True, text=True)
+def prepare(root, store, *extra, capsys=None):
+    """`data.py prepare` at SMALL's geometry -> its last line: in a real process, or with capsys in this one
+    (one interpreter fewer to start, torch's import alone is seconds here)."""
+    argv = ["prepare", "--anno", str(root / "anno.json"), "--videos", str(root / "videos"), "--store", str(store),
+            "--preset", "tiny", "--snippets", "12", "--frames", "2", "--stride", "2", "--size", "32", *extra]
+    if capsys is not None:
+        capsys.readouterr()
+        code = data.main(argv)
+        said = capsys.readouterr()
+        assert code in (0, None), said.err
+        return said.out.strip().splitlines()[-1]
+    run = subprocess.run([sys.executable, str(ROOT / "data.py"), *argv], capture_output=True, text=True)
     assert run.returncode == 0, run.stderr
     return run.stdout.strip().splitlines()[-1]
 
 
-def test_every_stage_trains_from_the_store_without_the_video_folder(tmp_path):
+def test_every_stage_trains_from_the_store_without_the_video_folder(synth, tmp_path, capsys):
     root = tmp_path / "synth"
-    data.synth(root, videos=8, seed=1)
-    prepare(root, tmp_path / "store", "--workers", "2")
+    shutil.copytree(Path(synth[1]).parent, root)                     # the module's set (videos=8, seed=1), a copy
+    prepare(root, tmp_path / "store", "--workers", "1", capsys=capsys)  # the dirty-data test runs 2 workers, a process
     (root / "videos").rename(root / "elsewhere")                     # from here on, no video file exists
     argv = [*SMALL, "--anno", str(root / "anno.json"), "--store", str(tmp_path / "store")]
     lofi.main(["--stage", "acp", *argv, "--out", str(tmp_path / "acp"), "--epochs", "1"])
@@ -385,13 +393,26 @@ def kill_tree(pid):
             os.kill(p, signal.SIGKILL)
 
 
+def same_end_state(tmp_path, stage):
+    """<tmp>/straight and <tmp>/killed end alike: weights, optimizer state and logged losses."""
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "killed"))
+    assert a["epoch"] == b["epoch"] == 2
+    for part in ("encoder", "head" if stage == "lofi" else "classifier", "optimizer"):
+        flat_a, flat_b = (torch.utils._pytree.tree_leaves(x[part]) for x in (a, b))
+        assert len(flat_a) == len(flat_b) > 0
+        assert all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(flat_a, flat_b)), part
+    logs = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(tmp_path / d / "log.jsonl")]
+            for d in ("straight", "killed")]
+    assert logs[0] == logs[1] and len(logs[0]) == 2                  # the resumed epoch's mean includes its first steps
+
+
 # One loop trains every stage: stage 1 in one process and stage 2 under torchrun cover its resume.
-@pytest.mark.parametrize("stage, nproc", [("lofi", 2), ("acp", 1)])
-def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, stage, nproc):
-    """--save-every 1; SIGKILL the run (torchrun and its ranks) once a mid-epoch checkpoint exists;
-    --resume must end with the weights, optimizer state and logged losses of an uninterrupted run."""
-    launch = [sys.executable] + (["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else [])
-    argv = [*launch, str(ROOT / "lofi.py"), "--stage", stage, *SMALL, *synth, "--epochs", "2", "--save-every", "1"]
+def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
+    """Stage 2 under torchrun, 2 ranks, --save-every 1; SIGKILL the run (torchrun and its ranks) once a
+    mid-epoch checkpoint exists; --resume must end with the weights, optimizer state and logged losses of an
+    uninterrupted run."""
+    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    argv = [*launch, str(ROOT / "lofi.py"), "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--save-every", "1"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     straight = subprocess.run([*argv, "--out", str(tmp_path / "straight")], env=env, capture_output=True, text=True)
     assert straight.returncode == 0, straight.stderr[-3000:]
@@ -407,15 +428,37 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, stage, np
     assert at["epoch"] == 0 and at["step"] >= 1, (at["epoch"], at["step"])      # killed inside epoch 0
     resumed = subprocess.run([*argv, "--out", str(tmp_path / "killed"), "--resume"], env=env, capture_output=True, text=True)
     assert resumed.returncode == 0 and f"step {at['step']}" in resumed.stdout, resumed.stderr[-3000:]
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "killed"))
-    assert a["epoch"] == b["epoch"] == 2
-    for part in ("encoder", "head" if stage == "lofi" else "classifier", "optimizer"):
-        flat_a, flat_b = (torch.utils._pytree.tree_leaves(x[part]) for x in (a, b))
-        assert len(flat_a) == len(flat_b) > 0
-        assert all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(flat_a, flat_b)), part
-    logs = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(tmp_path / d / "log.jsonl")]
-            for d in ("straight", "killed")]
-    assert logs[0] == logs[1] and len(logs[0]) == 2                  # the resumed epoch's mean includes its first steps
+    same_end_state(tmp_path, "lofi")
+
+
+class Killed(BaseException):
+    """Not an Exception: nothing in lofi.py may catch it, as nothing catches a SIGKILL."""
+
+
+def test_stage_1_stopped_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, monkeypatch, capsys):
+    """Stage 1 in this process (the SIGKILL of a real process is the test above), --save-every 1: the run stops
+    dead right after its first mid-epoch checkpoint is on disk; --resume must end with the weights, optimizer
+    state and logged losses of an uninterrupted run."""
+    argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--save-every", "1"]
+    lofi.main([*argv, "--out", str(tmp_path / "straight")])
+    assert "\r" not in capsys.readouterr().err                            # no progress bars off a terminal
+    ckpt, real = tmp_path / "killed" / "last.pt", data.atomic_save
+
+    def dies_after_a_mid_epoch_save(path, write):
+        real(path, write)
+        if Path(path) == ckpt and torch.load(path, weights_only=True)["step"] >= 1:
+            raise Killed
+    monkeypatch.setattr(data, "atomic_save", dies_after_a_mid_epoch_save)
+    with pytest.raises(Killed):
+        lofi.main([*argv, "--out", str(tmp_path / "killed")])
+    monkeypatch.setattr(data, "atomic_save", real)
+    at = torch.load(ckpt, weights_only=True)
+    assert at["epoch"] == 0 and at["step"] >= 1, (at["epoch"], at["step"])      # stopped inside epoch 0
+    capsys.readouterr()
+    lofi.main([*argv, "--out", str(tmp_path / "killed"), "--resume"])
+    said = capsys.readouterr()
+    assert f"step {at['step']}" in said.out, said.err[-3000:]
+    same_end_state(tmp_path, "acp")
 
 
 def test_the_design_card_command_finds_train_sh_outputs(tmp_path, monkeypatch):
@@ -459,12 +502,17 @@ def test_killed_feature_extraction_resumes_from_its_files(synth, tmp_path, monke
 
 
 def test_two_ranks_write_the_single_process_features(synth, tmp_path):
-    argv = [str(ROOT / "lofi.py"), "--stage", "head", *SMALL, *synth, "--epochs", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for out, launch, batch in (("one", [], "1"), ("two", ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"], "2")):
-        run = subprocess.run([sys.executable, *launch, *argv, "--batch-size", batch, "--out", str(tmp_path / out)],
-                             env=env, capture_output=True, text=True)          # one video a step on every rank
-        assert run.returncode == 0, run.stderr[-3000:]
+    argv = ["--stage", "head", *SMALL, *synth, "--epochs", "1"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                       # the single-process reference, here, on one thread as each rank
+    try:
+        lofi.main([*argv, "--batch-size", "1", "--out", str(tmp_path / "one")])
+    finally:
+        torch.set_num_threads(threads)
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          str(ROOT / "lofi.py"), *argv, "--batch-size", "2", "--out", str(tmp_path / "two")],
+                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]                             # one video a step on every rank
     a, b = (sorted((tmp_path / d / "features").glob("*.npy")) for d in ("one", "two"))
     assert len(a) == 8 and [f.name for f in a] == [f.name for f in b]
     assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
