@@ -295,6 +295,13 @@ def _balanced_bce(p, positive):
     return 0.5 * (loss_pos + loss_neg)
 
 
+def loss_generator(seed, epoch, step, rank, device):
+    """The seeded RNG of loss()'s sampled regression terms: the same draws on resume and on every world size."""
+    g = torch.Generator(device=device)
+    g.manual_seed(int(np.random.SeedSequence([seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1))
+    return g
+
+
 def loss(out, start, end, iou, generator=None):
     """L = L_tem + 10 L_reg + L_cls over the whole batch. start/end (B, L), iou (B, L, L) from targets().
 

@@ -10,8 +10,7 @@ localization at low fidelity, in three stages of one program, every one trained 
   torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long  # after bash train.sh: its data and stage 1
   python lofi.py --stage plan --preset paper --budget-gb 80  # needs no dataset
 
-Bad input stops with one line and exit code 2; videos without a file are skipped, videos that fail to
-decode replaced, both with a record (README, "Bad input").
+Videos without a file are skipped, videos that fail to decode replaced, both with a record (README).
 """
 import argparse
 import contextlib
@@ -37,8 +36,7 @@ import gtad
 import tsm
 
 # Defaults per preset; a flag always wins. Stage-2 epochs are not in the paper (15: three lr halvings);
-# stage 3 follows G-TAD. Tiny: stage 1 from scratch on a hundred videos needs Adam and ~500 steps of 16
-# clips to learn motion, where SGD had not left chance after 400 (tests/bench/README.md).
+# stage 3 follows G-TAD. Tiny: stage 1 from scratch needs Adam (SGD: chance after 400 steps; tests/bench).
 PRESETS = {
     "paper": dict(**data.GEOMETRY["paper"], batch_size=16, workers="cores", amp=False,
                   acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16, acp_workers="cores",
@@ -87,7 +85,7 @@ def get_args(argv=None):
     add("--workers", type=count, help="DataLoader workers per rank (paper: its cores)")
     add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast")
     add("--checkpoint-encoder", action="store_true", help="recompute encoder activations in backward")
-    add("--freeze-bn", action="store_true", help="BatchNorm in eval mode (small per-GPU batches)")
+    add("--freeze-bn", action="store_true", help="BatchNorm in eval mode (small batches per GPU)")
     # stage 3 and detect
     add("--nms-sigma", type=num, default=0.84, help="soft-NMS exp(-iou^2 / sigma)")
     add("--top-k", type=pos, default=100, help="proposals kept per video")
@@ -189,11 +187,6 @@ def compute_init(args):
     return rank, world, device
 
 
-def compute_cleanup():
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def rank_world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
@@ -204,7 +197,7 @@ def print0(*a, **k):
 
 
 def progress(iterable, desc):
-    """A tqdm bar on an interactive terminal (rank 0); in a log file nothing: the epoch's line says it."""
+    """A tqdm bar on rank 0's terminal; none in a log file (the epoch's line says it)."""
     return tqdm(iterable, desc=desc, leave=False, disable=rank_world()[0] > 0 or not sys.stderr.isatty())
 
 
@@ -368,32 +361,25 @@ def fidelity_grid(args):
 
 
 def tal_dataset(args, inputs, videos):
-    """Videos as L snippets of F frames (frames from the store, else the video folder)."""
+    """Videos as L snippets of F frames, from the store or the video folder."""
     return data.TALDataset(videos, inputs.store or args.videos, args.frames, args.stride, full=fidelity_grid(args)[0])
 
 
 def loader(dataset, sampler, args, device):
     """The one way videos or clips are loaded, in the batches of `sampler` (a data.Batches), by --workers
-    processes started afresh each pass, so that a dataset's per-epoch state (clip positions) reaches them."""
+    processes started afresh each pass: a dataset's per-epoch state (clip positions) reaches them."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, worker_init_fn=data.worker_init,
                       collate_fn=data.collate, pin_memory=device.type == "cuda")
 
 
 def in_order(args, inputs, split, device, videos=None, per_rank=1, rank=0, world=1):
-    """Full-fidelity batches of a split's videos (or `videos`) in order, rank r its stride. A broken video's
-    place goes to the next one (a duplicate the callers overwrite or skip); the split records it."""
+    """Full-fidelity batches of a split's videos (or `videos`) in order, rank r its stride; a broken video's
+    place goes to the next (a duplicate), recorded in the split."""
     videos = split.videos if videos is None else videos
     batches = data.Batches(len(videos), per_rank, rank, world, train=False)
     for batch in progress(loader(tal_dataset(args, inputs, videos), batches, args, device), split.subset):
         split.add(batch["replaced"])
         yield batch
-
-
-def loss_generator(args, rank, epoch, step, device):
-    """Seeded RNG of G-TAD's sampled regression loss: same draws on resume and in the parity test."""
-    g = torch.Generator(device=device)
-    g.manual_seed(int(np.random.SeedSequence([args.seed, epoch, step, rank]).generate_state(1, np.uint64)[0] >> 1))
-    return g
 
 
 def optimizer(args, params, adam_decay, momentum):
@@ -414,8 +400,8 @@ def build_encoder(args, inputs):
 
 # ----------------------------------------------------------------------------- stage 1: ACP
 def stage_acp(args, inputs, rank, world, device):
-    """Clip classification on the target's trimmed action instances (ACP+, Sec. 3.1); then the video-level
-    class scores of the validation videos (<out>/video_scores.json, the CUHK format of --video-scores)."""
+    """Clip classification on the trimmed instances of --anno (Sec. 3.1: ACP on a pre-training set, ACP+ on the
+    target's); then the validation videos' class scores (<out>/video_scores.json, CUHK format)."""
     train, val = videos_of(args, inputs, "training"), videos_of(args, inputs, "validation")
     classes = data.class_names(train.videos + val.videos)
     ds, val_ds = (data.ClipDataset(s.videos, inputs.store or args.videos, classes, args.frames, args.stride,
@@ -484,7 +470,7 @@ def stage_lofi(args, inputs, rank, world, device):
     def loss(batch, epoch, step):
         targets = gtad.batch_targets(batch["segments"], batch["fidelity"].L, device)  # at this batch's L
         out = model(batch["frames"].to(device, non_blocking=True))  # maps (B, L, L)
-        terms = gtad.loss(out, *targets, generator=loss_generator(args, rank, epoch, step, device))
+        terms = gtad.loss(out, *targets, generator=gtad.loss_generator(args.seed, epoch, step, rank, device))
         return terms["total"], terms
     schedule = dict(cycle=args.cycle, c_l=args.c_l, c_s=args.c_s, configs=[str(c) for c in configs])
     fit(args, "lofi", model, opt, torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.5), sampler,
@@ -497,7 +483,7 @@ def stage_lofi(args, inputs, rank, world, device):
 @torch.no_grad()
 def extract_features(args, inputs, encoder, split, rank, world, device):
     """Full-fidelity features, one (L, D) float32 <out>/features/<id>.npy a video as extracted, ranks a
-    stride each; existing files are kept (a killed run loses a batch) unless features/key.json (the
+    stride each; existing files are kept (a killed run resumes) unless features/key.json (the
     encoder's file, the geometry) differs. Broken videos get no file."""
     folder, init, todo = Path(args.out) / "features", Path(args.init), [None]
     stamp = [str(init.resolve()), init.stat().st_size, init.stat().st_mtime_ns] if init.is_file() else args.init
@@ -537,7 +523,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
 
 
 def train_head(args, feats, videos, lr, device, extra=None):
-    """A fresh G-TAD head on the fixed (D, L) features of `videos`, batches cut from tensors in memory, by
+    """A fresh G-TAD head on the fixed (D, L) features of `videos`, batches sliced in memory, by
     G-TAD's recipe (Adam, weight decay 1e-4, lr x 0.1 after lr_step epochs). extra None: a trial head."""
     rank, world = rank_world()
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=feats[videos[0].id].shape[0])).to(device)
@@ -549,7 +535,7 @@ def train_head(args, feats, videos, lr, device, extra=None):
     def loss(idx, epoch, step):
         out = model(x[idx].to(device))
         terms = gtad.loss(out, *(t[idx].to(device) for t in labels),
-                          generator=loss_generator(args, rank, epoch, step, device))
+                          generator=gtad.loss_generator(args.seed, epoch, step, rank, device))
         return terms["total"], terms
     fit(args, "head", model, opt, torch.optim.lr_scheduler.StepLR(opt, args.lr_step, gamma=0.1),
         data.Batches(len(videos), args.batch_size // world, rank, world, args.seed),
@@ -561,7 +547,7 @@ def train_head(args, feats, videos, lr, device, extra=None):
 def detect(args, head, feats, videos, scores):
     results, dropped = gtad.detect_videos(head, feats, videos, scores, args.nms_sigma, args.top_k)
     if dropped:
-        print0(f"warning: {dropped} detections carry classes absent from the evaluated ground truth; dropped")
+        print0(f"warning: {dropped} detections carry classes absent from the ground truth; dropped")
     return results
 
 
@@ -626,6 +612,9 @@ def stage_head(args, inputs, rank, world, device):
             raise data.BadInput(f"{args.video_scores}: no video-level scores for video {v.id}")
         return (external[0][v.id], external[1]) if external else (gtad.video_class_scores(clf, feats[v.id]), classes)
     out = Path(args.out)
+    if not external:  # its classes, for another encoder's head: --video-scores <out>/video_scores.json
+        results = {v.id: gtad.video_class_scores(clf, feats[v.id]).tolist() for v in val.videos}
+        (out / "video_scores.json").write_text(json.dumps({"results": results, "class": classes}))
     with open(out / "detections.json", "w") as f:
         json.dump(dict(version="VERSION 1.3", results=detect(args, head, feats, val.videos, scores),
                        external_data={}), f)
@@ -645,8 +634,8 @@ def training_memory(args, fid, device, checkpoint, amp, snippets):
 
 
 def stage_plan(args):
-    """Training memory per video of full, S, T and ST fidelity on this device; with --budget-gb, how many
-    videos fit a batch, with and without --checkpoint-encoder and --amp."""
+    """Training memory per video of full, S, T and ST fidelity on this device; with --budget-gb, the batch
+    that fits, with and without --checkpoint-encoder and --amp."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     full, lofis = fidelity_grid(args)
     variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
@@ -721,7 +710,8 @@ def run(args, inputs):
                     (Path(args.out) / name).unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, inputs, rank, world, device)
     finally:
-        compute_cleanup()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

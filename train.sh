@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # The whole LoFi pipeline of the paper (Fig. 1), one commented line a stage.
-#   bash train.sh                                    # synthetic videos, tiny preset, a CPU, minutes
+#   bash train.sh                                    # synthetic videos, tiny preset, a CPU, minutes; stage 1 on a
+#                                                    # synthetic Kinetics, once (data/pretrained/<recipe>)
 #   bash train.sh --anno A.json --videos DIR --out RUNS --preset paper --nproc 4 [--seed S]
 #   bash train.sh --anno A.json --store STORE ...    # frames from `python data.py prepare` (ActivityNet, HACS)
-#   bash train.sh ... --init PATH|imagenet   # skip stage 1: PATH (a Kinetics TSM, the paper's ACP) or
-#                                            # ImageNet weights (ICP) are the baseline's encoder
+#   bash train.sh ... --init PATH|imagenet|none  # skip stage 1: PATH (a Kinetics TSM, the paper's ACP),
+#                                            # ImageNet weights (ICP) or a random encoder are the baseline's
+#   bash train.sh ... --acp-plus             # then stage 1 on the target's trimmed instances (ACP+; with
+#                                            # --init none: from scratch on them alone)
 #   bash train.sh --ablation [--seeds "0 1 2"] [--jobs 3]  # the paper's Tables 1-2 in miniature: stage 3 on every
 #                                            # encoder, each seed its own data; --jobs: seeds side by side
 # Prints mAP of the baseline (head on the classification-pretrained encoder) and of LoFi.
@@ -12,7 +15,8 @@ set -euo pipefail
 here=$(pwd)
 cd "$(dirname "$0")"
 
-ANNO="" VIDEOS="" STORE="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2" JOBS=1
+ANNO="" VIDEOS="" STORE="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2" JOBS=1 ACP_PLUS=0
+KINETICS_CLIPS=2000 KINETICS_EPOCHS=14   # the synthetic Kinetics pre-training: its clips and epochs
 die() { echo "train.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -23,17 +27,18 @@ while [ $# -gt 0 ]; do
     --preset) PRESET=${2:?--preset needs tiny or paper}; shift 2 ;;
     --nproc) NPROC=${2:?--nproc needs a number}; shift 2 ;;
     --seed) SEED=${2:?--seed needs a number}; shift 2 ;;
-    --init) INIT=${2:?--init needs a checkpoint file or imagenet}; shift 2 ;;
+    --init) INIT=${2:?--init needs a checkpoint file, imagenet or none}; shift 2 ;;
+    --acp-plus) ACP_PLUS=1; shift ;;
     --ablation) ABLATION=1; shift ;;
     --seeds) SEEDS=${2:?--seeds needs a list such as "0 1 2"}; shift 2 ;;
     --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
-    -h|--help) sed -n 2,10p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see bash train.sh --help)" ;;
   esac
 done
 abs() { case "$1" in ""|/*) echo "$1" ;; *) echo "$here/$1" ;; esac; }   # paths are the caller's
 ANNO=$(abs "$ANNO") VIDEOS=$(abs "$VIDEOS") STORE=$(abs "$STORE") OUT=$(abs "$OUT")
-if [ -n "$INIT" ] && [ "$INIT" != imagenet ]; then
+if [ -n "$INIT" ] && [ "$INIT" != imagenet ] && [ "$INIT" != none ]; then
   INIT=$(abs "$INIT")
   [ -f "$INIT" ] || die "encoder checkpoint '$INIT' not found (--init)"
 fi
@@ -72,18 +77,39 @@ run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the f
   echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }
 
+pretrain() {  # (1) ACP on a synthetic Kinetics (no target class in it), once a recipe, for every --seed -> PRE
+  PRE=data/pretrained/acp_kinetics${KINETICS_CLIPS}-seed0_${PRESET}_e${KINETICS_EPOCHS}
+  [ -f data/kinetics/anno.json ] || python data.py synth data/kinetics --shape kinetics --videos "$KINETICS_CLIPS"
+  if [ ! -f "$PRE/done" ]; then
+    SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp --out "$PRE" \
+      --init none --epochs "$KINETICS_EPOCHS" $([ -f "$PRE/last.pt" ] && echo --resume) && touch "$PRE/done"
+  fi
+}
+
+stage1() {  # the baseline's encoder -> INIT (SCORES, and $OUT/stage1: the run whose clip accuracy is printed)
+  SCORES=()
+  if [ -z "$INIT" ] && [ -z "$USER_DATA" ]; then
+    pretrain && INIT=$PRE/last.pt && echo "$PRE" > "$OUT/stage1"
+    [ -d "$OUT/acp" ] && [ ! -L "$OUT/acp" ] || ln -sfn "$(realpath "$PRE")" "$OUT/acp"   # lofi.py's default --init
+  fi
+  if [ -z "$INIT" ] || [ "$ACP_PLUS" = 1 ]; then    # (1) the target's trimmed instances: ACP+, or from scratch
+    [ ! -L "$OUT/acp" ] || rm "$OUT/acp"            # (not into the pre-trained encoder's folder)
+    run acp --stage acp --out "$OUT/acp" --init "${INIT:-none}"
+    INIT=$OUT/acp/last.pt SCORES=(--video-scores "$OUT/acp/video_scores.json") && echo "$OUT/acp" > "$OUT/stage1"
+  fi
+}
+
 ablate() {  # ablate SEED: Tables 1-2 in miniature for one seed, in $BASE/seed$SEED: one stage 2 per row, then stage 3
-  SEED=$1 OUT=$BASE/seed$1 INIT=$INIT0 SCORES=()
+  SEED=$1 OUT=$BASE/seed$1 INIT=$INIT0
   if [ -z "$USER_DATA" ]; then                                      # each seed draws its synthetic set, as train.sh --seed
     SYNTH=data/synth$([ "$SEED" = 0 ] || echo "-seed$SEED") && ANNO=$SYNTH/anno.json VIDEOS=$SYNTH/videos
     [ -f "$ANNO" ] || python data.py synth "$SYNTH" --seed "$SEED"
   fi
   mkdir -p "$OUT"
   : > "$OUT/times.txt"
-  if [ -z "$INIT" ]; then
-    run acp --stage acp --out "$OUT/acp"; INIT="$OUT/acp/last.pt"; SCORES=(--video-scores "$OUT/acp/video_scores.json")
-  fi
+  stage1
   run head-acp --stage head "${SCORES[@]}" --out "$OUT/head-acp" --init "$INIT"                               # ACP (the baseline)
+  [ ${#SCORES[@]} -gt 0 ] || SCORES=(--video-scores "$OUT/head-acp/video_scores.json")   # one classifier for all rows
   for row in long short; do                                                                     # C-LoFi, long and short cycle
     run "lofi-c$row" --stage lofi --out "$OUT/lofi-c$row" --init "$INIT" --cycle "$row"
     run "head-c$row" --stage head "${SCORES[@]}" --out "$OUT/head-c$row" --init "$OUT/lofi-c$row/last.pt"
@@ -99,6 +125,7 @@ ablate() {  # ablate SEED: Tables 1-2 in miniature for one seed, in $BASE/seed$S
 
 if [ "$ABLATION" = 1 ]; then
   BASE=$OUT INIT0=$INIT
+  [ -n "$INIT" ] || [ -n "$USER_DATA" ] || pretrain   # once, before seeds run side by side
   if [ "$JOBS" = 1 ]; then
     for S in $SEEDS; do ablate "$S"; done
   else   # seeds side by side, the cores split between them; each seed's log in its folder
@@ -120,17 +147,18 @@ import json, os, sys
 import numpy as np
 import evaluate
 base, seeds = sys.argv[1], sys.argv[2:]
-rows = [("ACP (baseline)", "head-acp", ["acp", "head-acp"]), ("ACP, lr search", "head-acp-lrsearch", ["acp", "head-acp-lrsearch"]),
+rows = [("ACP (baseline)", "head-acp", ["pretrain", "acp", "head-acp"]),
+        ("ACP, lr search", "head-acp-lrsearch", ["pretrain", "acp", "head-acp-lrsearch"]),
         ("S-LoFi", "head-s", ["lofi-s", "head-s"]), ("T-LoFi", "head-t", ["lofi-t", "head-t"]),
         ("ST-LoFi", "head-st", ["lofi-st", "head-st"]), ("C-LoFi short", "head-cshort", ["lofi-cshort", "head-cshort"]),
         ("C-LoFi long", "head-clong", ["lofi-clong", "head-clong"]),
         ("C-LoFi long, BN re-estimated", "head-clong-bnrecal", ["lofi-clong", "head-clong-bnrecal"]),
         ("C-LoFi long, lr search", "head-clong-lrsearch", ["lofi-clong", "head-clong-lrsearch"]),
         ("full fidelity end to end", "head-full", ["lofi-full", "head-full"])]
-acc = [[json.loads(l)["val_acc"] for l in open(f"{base}/seed{s}/acp/log.jsonl")][-1] for s in seeds
-       if os.path.exists(f"{base}/seed{s}/acp/log.jsonl")]
+stage1 = [open(f"{base}/seed{s}/stage1").read().strip() for s in seeds if os.path.exists(f"{base}/seed{s}/stage1")]
+acc = [[json.loads(l)["val_acc"] for l in open(f"{d}/log.jsonl")][-1] for d in stage1]
 print(f"\n{len(seeds)} seeds ({' '.join(seeds)}), each its own data and training; mean ± std (%)"
-      + (f"; stage-1 validation clip accuracy {' / '.join(f'{a:.3f}' for a in acc)}" if acc else "")
+      + (f"; stage-1 held-out clip accuracy {' / '.join(f'{a:.3f}' for a in acc)}" if acc else "")
       + "; time = the row's stage 2 + stage 3 (stage 1 + 3 for ACP), mean seconds a seed")
 print("| encoder for stage 3 | mAP@0.5 | mAP@0.75 | mAP@0.95 | average mAP | average mAP per seed | proposal AUC | time (s) |")
 print("|---|---|---|---|---|---|---|---|")
@@ -147,12 +175,10 @@ PY
   exit 0
 fi
 
-SCORES=()   # video-level classes: stage 1's classifier when it runs (as G-TAD takes CUHK's), else stage 3's own
-if [ -z "$INIT" ]; then
-  run acp    --stage acp  --out "$OUT/acp"                                          # (1) action-classification pre-training on trimmed clips (ACP+)
-  INIT="$OUT/acp/last.pt" SCORES=(--video-scores "$OUT/acp/video_scores.json")
-fi
+rm -f "$OUT/stage1"
+stage1   # (1) the encoder; classes: stage 1's classifier on target clips (as G-TAD takes CUHK's), else the baseline head's
 run baseline --stage head "${SCORES[@]}" --out "$OUT/baseline" --init "$INIT"                      # (3) head at full fidelity on the stage-1 encoder: the baseline
+[ ${#SCORES[@]} -gt 0 ] || SCORES=(--video-scores "$OUT/baseline/video_scores.json")   # one classifier for both rows
 run lofi     --stage lofi --out "$OUT/lofi" --init "$INIT" --cycle long              # (2) encoder + head end to end, C-LoFi long cycle
 run lofi-head --stage head "${SCORES[@]}" --out "$OUT/lofi_head" --init "$OUT/lofi/last.pt"      # (3) head at full fidelity on the LoFi encoder
 
@@ -160,8 +186,10 @@ python - "$OUT" <<'PY'
 import json, os, sys
 import evaluate
 out = sys.argv[1]
-if os.path.exists(f"{out}/acp/log.jsonl"):
-    print(f"\nstage 1: validation clip accuracy {[json.loads(l) for l in open(f'{out}/acp/log.jsonl')][-1]['val_acc']:.3f}")
+if os.path.exists(f"{out}/stage1"):
+    stage1 = open(f"{out}/stage1").read().strip()
+    acc = [json.loads(l) for l in open(f"{stage1}/log.jsonl")][-1]["val_acc"]
+    print(f"\nstage 1 ({stage1}): held-out clip accuracy {acc:.3f}")
 print("\n| encoder | mAP@0.5 | mAP@0.75 | mAP@0.95 | average | proposal AUC |\n|---|---|---|---|---|---|")
 for name, run in (("ACP (baseline)", "baseline"), ("ACP + LoFi", "lofi_head")):
     m = json.load(open(f"{out}/{run}/metrics.json"))

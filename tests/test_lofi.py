@@ -71,6 +71,11 @@ def test_three_stages_in_sequence(synth, tmp_path):
             assert 0 <= d["segment"][0] <= d["segment"][1] <= anno[vid]["duration"] + 1e-6
     metrics = json.load(open(tmp_path / "head" / "metrics.json"))
     assert 0.0 <= metrics["average-mAP"] <= 1.0 and len(metrics) == 11
+    # Its video-level scores, for another encoder's head (--video-scores): the classes its detections carry.
+    scores, names = gtad.read_video_scores(tmp_path / "head" / "video_scores.json")
+    assert set(scores) == set(dets) and names == data.class_names(data.read_annotations(synth[1])[0])
+    for vid, found in dets.items():
+        assert {d["label"] for d in found} <= {names[c] for c in np.argsort(-scores[vid], kind="stable")[:2]}
     # Features: one (L, D) file a video, reused when encoder and geometry match, made again when not.
     files = sorted((tmp_path / "head" / "features").glob("*.npy"))
     assert len(files) == 8 and np.load(files[0]).shape == (12, 512)
@@ -127,7 +132,8 @@ def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
         sampler.set_epoch(0)
         batch = data.collate([ds[i] for i in next(iter(sampler))])
         labels = gtad.batch_targets(batch["segments"], batch["fidelity"].L, "cpu")
-        losses = gtad.loss(net(batch["frames"]), *labels, generator=lofi.loss_generator(args, rank, 0, 0, "cpu"))
+        losses = gtad.loss(net(batch["frames"]), *labels,
+                           generator=gtad.loss_generator(args.seed, 0, 0, rank, "cpu"))
         (losses["total"] / 2).backward()
     with torch.no_grad():
         for p in net.parameters():
@@ -352,7 +358,8 @@ try:                                                      # a training step as f
         _, total, _ = lofi.forward_step(it, loss, step, torch.device("cpu"))
         total.backward()                                  # DDP's all_reduce: a lone healthy rank waits here
 finally:
-    lofi.compute_cleanup()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 """
 
 

@@ -33,5 +33,8 @@ def test_init_names_a_checkpoint_or_imagenet(tmp_path):
     r = train_sh("--init", str(tmp_path / "k400_tsm.pt"), "--out", str(tmp_path / "runs"))
     assert r.returncode == 2 and "--init" in r.stderr and "k400_tsm.pt" in r.stderr
     assert not (tmp_path / "runs").exists()
+    r = train_sh("--init", "none", "--acp-plus", "--preset", "huge", "--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and "--preset" in r.stderr and "--init" not in r.stderr   # none: a random encoder
     r = train_sh("--help")
-    assert r.returncode == 0 and "--init PATH|imagenet" in r.stdout and "skip stage 1" in r.stdout
+    assert r.returncode == 0 and "--init PATH|imagenet|none" in r.stdout and "skip stage 1" in r.stdout
+    assert "--acp-plus" in r.stdout and "synthetic Kinetics" in r.stdout
