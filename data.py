@@ -790,7 +790,7 @@ def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
     return _write_anno(out_dir, database)
 
 
-def synth_kinetics(out_dir, clips=1000, seed=0, fps=10, size=(64, 80)):
+def synth_kinetics(out_dir, clips=2000, seed=0, fps=10, size=(64, 80)):
     """A miniature Kinetics for stage 1 (the paper's ACP): trimmed 1-1.6 s clips, one class each, in turn (every
     fifth clip validation), one instance covering the clip. The classes are motion primitives, each the same class
     in a mirror (stage 1's augmentation flips): a one-off drift sideways, up, down or on a diagonal; a spin; a
@@ -809,8 +809,8 @@ def synth_kinetics(out_dir, clips=1000, seed=0, fps=10, size=(64, 80)):
         cells = int(rng.integers(2, 5))
         texture = cv2.resize(rng.integers(0, 256, (cells, cells, 3)).astype(np.uint8), (P, P),
                              interpolation=cv2.INTER_NEAREST)                            # (P, P, 3)
-        tile, inside = np.zeros((Q, Q, 3), np.uint8), np.zeros((Q, Q), np.float32)
-        tile[P // 2:P // 2 + P, P // 2:P // 2 + P], inside[P // 2:P // 2 + P, P // 2:P // 2 + P] = texture, 1
+        pad = dict(top=P // 2, bottom=P - P // 2, left=P // 2, right=P - P // 2, borderType=cv2.BORDER_CONSTANT)
+        tile, inside = cv2.copyMakeBorder(texture, **pad), cv2.copyMakeBorder(np.ones((P, P), np.float32), **pad)
         grid = int(rng.integers(3, 9))
         background = cv2.resize(rng.integers(40, 216, (grid, grid * W // H, 3)).astype(np.uint8), (W, H))
         t, speed = np.arange(n) - (n - 1) / 2, rng.uniform(2, 3)                        # pixels a frame

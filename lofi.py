@@ -605,16 +605,16 @@ def stage_head(args, inputs, rank, world, device):
     if val.total > len(val.videos):
         print0(f"{val.total - len(val.videos)} of {val.total} validation videos have no file or failed to decode: "
                "no detections, so the evaluation counts their instances as misses")
-    external = inputs.video_scores
+    out, table = Path(args.out), inputs.video_scores
+    if not table:  # its own classes, also for another encoder's head: --video-scores <out>/video_scores.json
+        table = {v.id: gtad.video_class_scores(clf, feats[v.id]) for v in val.videos}, classes
+        (out / "video_scores.json").write_text(json.dumps({"results": {k: p.tolist() for k, p in table[0].items()},
+                                                           "class": classes}))
 
     def scores(v):
-        if external and v.id not in external[0]:
+        if v.id not in table[0]:
             raise data.BadInput(f"{args.video_scores}: no video-level scores for video {v.id}")
-        return (external[0][v.id], external[1]) if external else (gtad.video_class_scores(clf, feats[v.id]), classes)
-    out = Path(args.out)
-    if not external:  # its classes, for another encoder's head: --video-scores <out>/video_scores.json
-        results = {v.id: gtad.video_class_scores(clf, feats[v.id]).tolist() for v in val.videos}
-        (out / "video_scores.json").write_text(json.dumps({"results": results, "class": classes}))
+        return table[0][v.id], table[1]
     with open(out / "detections.json", "w") as f:
         json.dump(dict(version="VERSION 1.3", results=detect(args, head, feats, val.videos, scores),
                        external_data={}), f)
