@@ -1,5 +1,5 @@
 """Data for LoFi: annotations, OpenCV decoding, fidelity-aware snippet batches and the C-LoFi schedules
-(Sec. 3.2, Eq. 1-4), the datasets, the frame store, a synthetic dataset and a data check.
+(Sec. 3.2, Eq. 1-4), the datasets, the frame store and a data check; `synth` runs tests/bench/synthetic.py.
 
     python data.py synth data/synth --videos 128 --seed 0    # mp4 files + ActivityNet-style anno.json
     python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--deep]
@@ -13,6 +13,7 @@ import json
 import math
 import multiprocessing
 import os
+import runpy
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -28,8 +29,6 @@ from tqdm import tqdm
 
 EXTENSIONS = ("mp4", "mkv", "webm", "avi")
 TOLERANCE_S, TOLERANCE_FRAC = 1.0, 0.02   # container vs annotation duration; ~2 snippets at L = 100
-SYNTH_CLASSES = ("circular", "horizontal", "vertical")
-KINETICS_CLASSES = ("sideways", "rise", "fall", "slant", "spin", "rock", "grow", "shrink", "figure8")   # synth_kinetics
 REPLACE_TRIES = 16    # broken videos in a row before an item gives up (--max-bad has long stopped the run)
 
 
@@ -53,7 +52,6 @@ def _checked(parse, ok, what):
         except ValueError:
             pass
         raise argparse.ArgumentTypeError(f"{text}: must be {what}")
-    check.__name__ = what.replace(" ", "_")             # (argparse names the type in some messages)
     return check
 
 
@@ -62,6 +60,7 @@ nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
 positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
 fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
 at_least_4 = _checked(int, lambda v: v >= 4, "at least 4 (3:1 training:validation)")
+folder = _checked(str, os.path.isdir, "a folder")
 
 
 # ----------------------------------------------------------------------------- fidelity (Sec. 3.2)
@@ -176,8 +175,8 @@ def worker_init(_):
 
 
 def open_video(path):
-    """-> (cv2.VideoCapture, frame count, fps) as the container states them."""
-    # One FFmpeg thread, for the same reason (tests/bench/README.md: what threads cost).
+    """-> (cv2.VideoCapture, frame count, fps) as the container states them; one FFmpeg thread, for the same
+    reason (tests/bench/README.md: what threads cost)."""
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV/FFmpeg cannot open it (not a video, truncated, or an unknown codec)")
@@ -207,22 +206,18 @@ def fit_frame(img, size):
     return img
 
 
-def landed(cap, fps):
-    """The number of the frame just grabbed, from its timestamp (OpenCV's counter says where a seek aimed)."""
-    return round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000)
-
-
 def seek(path, cap, fps, frame):
-    """-> (capture, the frame grab() decodes next): `frame`, grabbed, or 0 from a reopened file if the seek missed."""
-    if frame > 0 and cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and cap.grab() and landed(cap, fps) == frame:
+    """-> (capture, the frame grab() decodes next): `frame`, grabbed, or 0 from a reopened file if the seek missed:
+    the grabbed frame's timestamp says where it landed (OpenCV's frame counter says where the seek aimed)."""
+    if frame > 0 and cap.set(cv2.CAP_PROP_POS_FRAMES, frame) and cap.grab() and \
+            round(cap.get(cv2.CAP_PROP_POS_MSEC) * fps / 1000) == frame:
         return cap, frame + 1
     cap.release()
     return open_video(path)[0], 0
 
 
 def unique_frames(idx):
-    """Frame indices -> (wanted = np.unique(idx), arrange: frames (K, ...) at wanted -> (*idx.shape, ...)): the
-    readers decode each frame once; arrange is a reshape where idx is sorted and unique."""
+    """Frame indices -> (wanted = np.unique(idx), arrange: frames (K, ...) -> (*idx.shape, ...)): one decode each."""
     idx = np.asarray(idx)
     wanted, inverse = np.unique(idx, return_inverse=True)
     if np.array_equal(wanted, idx.ravel()):
@@ -297,8 +292,7 @@ def read_snippets(path, full, F=8, stride=8):
 GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
             "tiny": dict(snippets=32, frames=4, stride=2, size=64)}
 JPEG = [cv2.IMWRITE_JPEG_QUALITY, 90]   # (4:2:0 colour, as in the source videos; README: size, feature cosine)
-REDUCED = {1: cv2.IMREAD_COLOR, 2: cv2.IMREAD_REDUCED_COLOR_2, 4: cv2.IMREAD_REDUCED_COLOR_4,
-           8: cv2.IMREAD_REDUCED_COLOR_8}
+REDUCED = {1: cv2.IMREAD_COLOR, **{k: getattr(cv2, f"IMREAD_REDUCED_COLOR_{k}") for k in (2, 4, 8)}}   # libjpeg
 RECORD = dict(id=None, frames=None, fps=None, duration=None, stored=0, bytes=0, error=None)   # a manifest line
 
 
@@ -420,7 +414,7 @@ def _unordered(fn, jobs, workers):
 
 
 def prepare(anno, video_dir, root, geometry, workers=1):
-    """Every annotated video not yet in the FrameStore at `root` into it -> (stored, failed, missing, frames, bytes)."""
+    """Every annotated video not yet in the FrameStore at `root` into it; says how many are stored, failed, missing."""
     root, videos = Path(root), read_annotations(anno)[0]
     config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
     if not (root / "store.json").exists():   # a new store; a folder with only a manifest: a start that was killed
@@ -447,8 +441,10 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     final = [r for vid, r in FrameStore(root).records.items() if vid in videos]
     stored = sum(r["error"] is None for r in final)
     missing = sum((r["error"] or "").startswith("missing") for r in final)
-    frames, size = sum(r["stored"] for r in final), sum(r["bytes"] for r in final)
-    return stored, len(final) - stored - missing, missing, frames, size
+    if len(final) > stored:
+        print(f"failed and missing videos, with the reasons: {root / 'manifest.jsonl'}")
+    print(f"prepared {stored} videos ({len(final) - stored - missing} failed, {missing} missing): "
+          f"{sum(r['stored'] for r in final)} frames, {sum(r['bytes'] for r in final)} bytes -> {root}")
 
 
 # ----------------------------------------------------------------------------- checks
@@ -504,9 +500,8 @@ def normalised_segments(video):
 
 
 class _Videos(torch.utils.data.Dataset):
-    """Both datasets: a fail-fast start (the cheap half of `check`), frames from the FrameStore or a file, and an
-    item whose video is broken (VideoError, file gone) replaced by the next that reads, recorded in `replaced`:
-    batches keep their size; a full disk propagates. Subclasses set video_of (item -> video) and _item."""
+    """Both datasets: a fail-fast start (`check` without decoding), frames from the FrameStore or a file; a broken
+    video's item (VideoError, file gone; a full disk propagates) is the next that reads, recorded in `replaced`."""
 
     def __init__(self, videos, source, classes=None):
         self.videos = list(videos.values() if isinstance(videos, dict) else videos)
@@ -562,16 +557,15 @@ class TALDataset(_Videos):
 
 
 def collate(batch):
-    """Items of either dataset -> dict(frames uint8 (B, ...), ids, replaced, labels: int64 (B,) for clips; TALDataset
-    also segments [(N, 2)], durations float64 (B,) and the batch's one fidelity)."""
+    """Items of either dataset -> dict(frames uint8 (B, ...), ids, replaced; clips: labels int64 (B,); videos:
+    segments [(N, 2)], durations float64 (B,) and the batch's one fidelity, as Batches gives it)."""
     # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
     out = dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]), ids=[b["id"] for b in batch],
                replaced=[r for b in batch for r in b["replaced"]])
     if "label" in batch[0]:                                                              # clips
         return dict(out, labels=torch.tensor([b["label"] for b in batch]))
     durations = torch.tensor([b["duration"] for b in batch], dtype=torch.float64)
-    return dict(out, segments=[b["segments"] for b in batch], labels=[b["labels"] for b in batch], durations=durations,
-                fidelity=batch[0]["fidelity"])           # (Batches gives a batch one fidelity)
+    return dict(out, segments=[b["segments"] for b in batch], durations=durations, fidelity=batch[0]["fidelity"])
 
 
 class ClipDataset(_Videos):
@@ -624,9 +618,7 @@ class Batches:
         self.epoch, self.start_step = 0, 0
         self.steps = n // (per_rank * world) if train else -(-len(range(rank, n, world)) // per_rank)
         if train and self.steps == 0:
-            raise BadInput(f"{n} videos cannot fill one batch of {world} x {per_rank} "
-                           "(--batch-size is global: lower it)")
-        self.config_at(0, 0)                                          # fail now on a bad cycle name
+            raise BadInput(f"{n} videos cannot fill one batch of {world} x {per_rank} (--batch-size is global)")
 
     def set_epoch(self, epoch, start_step=0):
         """start_step: skip the epoch's first steps (a run resumed from a mid-epoch checkpoint)."""
@@ -656,7 +648,7 @@ def _first(ids, k=10):
 
 class Split:
     """A subset's videos with a file (sorted by id); those without are listed in <out>/missing.txt. Broken ones
-    replaced in batches go to add(); flush() (a collective) logs the new ones to <out>/log.jsonl. Past max_bad
+    replaced in batches go to `pending`; flush() (a collective) logs the new ones to <out>/log.jsonl. Past max_bad
     the run stops; the evaluation counts them all as misses, as the official protocol does."""
 
     def __init__(self, videos, subset, names, where, out, max_bad, resume=False):
@@ -687,9 +679,6 @@ class Split:
             raise BadInput(f"{len(bad)} of {self.total} {self.subset} videos {what}, more than --max-bad "
                            f"{self.max_bad:g}: {_first(bad)}")
 
-    def add(self, replaced):
-        self.pending.extend(replaced)
-
     def flush(self, where="", collective=True):
         parts = [self.pending]
         if collective and self.world > 1:
@@ -708,160 +697,21 @@ class Split:
             self.check()
 
 
-# ----------------------------------------------------------------------------- synthetic datasets
-def _write_video(path, fps, frames):
-    """BGR uint8 frames (H, W, 3), from an iterable -> an mp4v file."""
-    frames = iter(frames)
-    first = next(frames)
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"mp4v"), fps, first.shape[1::-1])
-    if not writer.isOpened():
-        raise RuntimeError(f"{path}: OpenCV cannot write mp4v video")
-    for frame in chain([first], frames):
-        writer.write(frame)
-    writer.release()
-
-
-def _write_anno(out_dir, database):
-    (out_dir / "anno.json").write_text(json.dumps(dict(version="synthetic", taxonomy=[], database=database), indent=1))
-    return out_dir / "anno.json"
-
-
-def synth(out_dir, videos=128, seed=0, fps=10, size=(64, 80)):
-    """An ActivityNet-shaped synthetic dataset, a pure function of the seed, whose actions show only in motion:
-    a checkered 24-pixel object (12-16 pixels were too weak a signal: looks got memorised) on a still background,
-    six looks shared by all classes; one class per video, in turn (every fourth video validation), 1-3 instances
-    of 10-40 % of a 15-30 s video in which the object oscillates on a circle, a horizontal or a vertical line;
-    in most gaps, motion that is no action (Sec. 1's task discrepancy: camera shake, slides), as 'distractors'."""
-    out_dir, (H, W) = Path(out_dir), size
-    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    database, P, M, S = {}, 24, 7, 2              # object side, largest excursion, largest shake (pixels)
-    x_lo = (W - H) // 2                           # the centre H x H crop starts here
-    lo, hi = np.array([M, x_lo + M]), np.array([H - M - P, x_lo + H - M - P])   # rest positions (y, x)
-    looks, pool = 6, np.random.default_rng([seed, 2**31])
-    backgrounds = np.stack([cv2.resize(pool.integers(70, 186, (H // 8, W // 8, 3), dtype=np.uint8), (W, H))
-                            for _ in range(looks)])                                         # (looks, H, W, 3)
-    objects = (255 * pool.integers(0, 2, (looks, 4, 4, 3))).astype(np.uint8).repeat(P // 4, 1).repeat(P // 4, 2)
-    for k in range(videos):
-        rng = np.random.default_rng([seed, k])
-        n, cls = int(rng.integers(150, 301)) * fps // 10, (k + seed) % len(SYNTH_CLASSES)   # 15-30 s
-        background, thing = backgrounds[rng.integers(looks)], objects[rng.integers(looks)]   # (H, W, 3), (P, P, 3)
-        lengths = (rng.uniform(0.1, 0.4, rng.integers(1, 4)) * n).astype(int)
-        lengths = (lengths * min(1.0, 0.7 * n / lengths.sum())).astype(int)
-        # Instances in order, at least 1.5 s apart: the room left goes to the gaps in Dirichlet shares.
-        gap = int(1.5 * fps)
-        room = n - lengths.sum() - gap * (len(lengths) + 1)
-        gaps = np.floor(rng.dirichlet(np.ones(len(lengths) + 1)) * max(room, 0)).astype(int) + gap
-        starts = np.cumsum(gaps[:-1] + np.r_[0, lengths[:-1]])
-        pos = np.repeat(rng.integers(lo, hi + 1)[None].astype(np.float64), n, 0)   # (n, (y, x)) object
-        shake, notes, distractors = np.zeros((n, 2), int), [], []            # (n, (dy, dx)) camera
-        # Distractors first, 1-3 s in the gaps (0.5 s clear of every instance); a slide moves later rests.
-        for a, b in zip(np.r_[0, starts + lengths] + fps // 2, np.r_[starts, n] - fps // 2):
-            if b - a < fps or rng.random() < 0.2:
-                continue
-            m = int(min(b - a, rng.integers(fps, 3 * fps + 1)))
-            t0 = int(rng.integers(a, b - m + 1))
-            if rng.random() < 0.5:
-                shake[t0:t0 + m] = rng.integers(-S, S + 1, (m, 2))
-                distractors.append(dict(segment=[t0 / fps, (t0 + m) / fps], kind="shake"))
-            else:
-                goal, w = rng.integers(lo, hi + 1), (np.arange(1, m + 1) / m)[:, None]   # (2,), (m, 1) ramp
-                pos[t0:t0 + m] = (1 - w) * pos[t0] + w * goal
-                pos[t0 + m:] = goal
-                distractors.append(dict(segment=[t0 / fps, (t0 + m) / fps], kind="slide"))
-        for a, b in zip(starts, starts + lengths):         # the action: a 0.8-1.6 s period, 4-7 pixels
-            phi = 2 * np.pi * np.arange(b - a) / (rng.uniform(0.8, 1.6) * fps)
-            amp = rng.uniform(4, M) / (2 if cls == 0 else 1)                   # circle radius or swing
-            sin, cos, zero = amp * np.sin(phi), amp * (1 - np.cos(phi)), 0 * phi
-            pos[a:b] += np.stack([[cos, sin], [zero, sin], [sin, zero]][cls], 1)
-            notes.append(dict(segment=[a / fps, b / fps], label=SYNTH_CLASSES[cls]))
-        noise = rng.normal(0, 2, (8, H, W, 3))
-        canvas = cv2.copyMakeBorder(background, S, S, S, S, cv2.BORDER_REFLECT)   # room for the shake
-
-        def frames():
-            for t in range(n):
-                frame = canvas.astype(np.float64)                            # (H + 2S, W + 2S, 3)
-                y, x = np.round(pos[t]).astype(int) + S
-                frame[y:y + P, x:x + P] = thing
-                dy, dx = S + shake[t]
-                yield np.clip(frame[dy:dy + H, dx:dx + W] + noise[rng.integers(8)], 0, 255).astype(np.uint8)
-        _write_video(out_dir / "videos" / f"synth_{k:04d}.mp4", fps, frames())
-        database[f"synth_{k:04d}"] = dict(subset="validation" if k % 4 == 3 else "training", duration=n / fps,
-                                          annotations=notes, distractors=distractors)
-    return _write_anno(out_dir, database)
-
-
-def synth_kinetics(out_dir, clips=2000, seed=0, fps=10, size=(64, 80)):
-    """A miniature Kinetics for stage 1 (the paper's ACP): trimmed 1-1.6 s clips, one class each, in turn (every
-    fifth clip validation), one instance covering the clip. The classes are motion primitives, each the same class
-    in a mirror (stage 1's augmentation flips): a one-off drift sideways, up, down or on a diagonal; a spin; a
-    rocking rotation; growing or shrinking once; a figure eight.
-    Speed, distance, period and start are drawn per clip, and so, independently of the class, is the look: an
-    object of 14-26 pixels with its own random checkered texture, on its own smooth random background. No target
-    set's class is among them (a swing on a circle, a line or a diagonal, a pulsing size: synth's SYNTH_CLASSES,
-    tests/bench/other_synth.py): stage 1 has to transfer, as Kinetics to ActivityNet."""
-    out_dir, (H, W) = Path(out_dir), size
-    (out_dir / "videos").mkdir(parents=True, exist_ok=True)
-    database, x_lo = {}, (W - H) // 2
-    for k in range(clips):
-        rng, cls = np.random.default_rng([seed, k, 400]), k % len(KINETICS_CLASSES)
-        n, P = int(rng.integers(fps, 1.6 * fps + 1)), int(rng.integers(14, 27))
-        Q = 2 * P                                                  # room for the object turned and grown
-        cells = int(rng.integers(2, 5))
-        texture = cv2.resize(rng.integers(0, 256, (cells, cells, 3)).astype(np.uint8), (P, P),
-                             interpolation=cv2.INTER_NEAREST)                            # (P, P, 3)
-        pad = dict(top=P // 2, bottom=P - P // 2, left=P // 2, right=P - P // 2, borderType=cv2.BORDER_CONSTANT)
-        tile, inside = cv2.copyMakeBorder(texture, **pad), cv2.copyMakeBorder(np.ones((P, P), np.float32), **pad)
-        grid = int(rng.integers(3, 9))
-        background = cv2.resize(rng.integers(40, 216, (grid, grid * W // H, 3)).astype(np.uint8), (W, H))
-        t, speed = np.arange(n) - (n - 1) / 2, rng.uniform(2, 3)                        # pixels a frame
-        phi = 2 * np.pi * np.arange(n) / (rng.uniform(0.8, 1.6) * fps) + rng.uniform(0, 2 * np.pi)
-        amp, zero, one = rng.uniform(5, 10), 0 * t, 1 + 0 * t
-        sx, sy = rng.choice([-1, 1], 2)                            # which way: the class does not say
-        y, x, angle, scale = {                                     # offsets from the centre, degrees, factor
-            "sideways": (zero, sx * speed * t, zero, one), "rise": (-speed * t, zero, zero, one),
-            "fall": (speed * t, zero, zero, one), "slant": (sy * speed * t / 1.4, sx * speed * t / 1.4, zero, one),
-            "spin": (zero, zero, sx * rng.uniform(15, 35) * t, one),
-            "rock": (zero, zero, rng.uniform(30, 60) * np.sin(phi), one),
-            "grow": (zero, zero, zero, 1 + 0.5 * t / t.max() * rng.uniform(0.6, 1)),
-            "shrink": (zero, zero, zero, 1 - 0.5 * t / t.max() * rng.uniform(0.6, 1)),
-            "figure8": (amp / 2 * np.sin(2 * phi), sx * amp * np.sin(phi), zero, one)}[KINETICS_CLASSES[cls]]
-        reach = np.abs(np.concatenate([y, x])).max() + 0.35 * P * scale.max()   # at least half in the centre crop
-        cy, cx = rng.uniform(reach, H - reach, 2) if reach < H / 2 else (H / 2, H / 2)
-        noise = rng.normal(0, 2, (8, H, W, 3))
-        canvas = cv2.copyMakeBorder(background, Q, Q, Q, Q, cv2.BORDER_REFLECT).astype(np.float64)
-
-        def frames():
-            for i in range(n):
-                frame = canvas.copy()                                            # (H + 2Q, W + 2Q, 3)
-                turn = cv2.getRotationMatrix2D((Q / 2, Q / 2), angle[i], scale[i])
-                obj = cv2.warpAffine(tile, turn, (Q, Q)).astype(np.float64)
-                mask = cv2.warpAffine(inside, turn, (Q, Q))[..., None]                   # (Q, Q, 1) in [0, 1]
-                top, left = int(round(Q + cy + y[i] - Q / 2)), int(round(Q + x_lo + cx + x[i] - Q / 2))
-                box = frame[top:top + Q, left:left + Q]
-                box[:] = mask * obj + (1 - mask) * box
-                yield np.clip(frame[Q:Q + H, Q:Q + W] + noise[rng.integers(8)], 0, 255).astype(np.uint8)
-        _write_video(out_dir / "videos" / f"clip_{k:05d}.mp4", fps, frames())
-        database[f"clip_{k:05d}"] = dict(subset="validation" if k % 5 == 4 else "training", duration=n / fps,
-                                         annotations=[dict(segment=[0, n / fps], label=KINETICS_CLASSES[cls])])
-    return _write_anno(out_dir, database)
-
-
 # ----------------------------------------------------------------------------- command line
 def main(argv=None):
     parser = Parser(prog="data.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
     p.add_argument("out_dir")
-    p.add_argument("--shape", choices=("anet", "kinetics"), default="anet",
-                   help="anet: untrimmed videos (default); kinetics: trimmed clips for stage 1, no anet class")
-    p.add_argument("--videos", type=at_least_4, help="number of videos (anet: 128, 3:1 training:validation; "
-                   "kinetics: 2000 clips, 4:1)")
+    p.add_argument("--shape", choices=("anet", "kinetics"), default="anet", help="anet: untrimmed videos (default); "
+                   "kinetics: trimmed clips for stage 1, no anet class")
+    p.add_argument("--videos", type=at_least_4, help="anet: 128 videos, 3:1 training:validation; kinetics: 2000, 4:1")
     p.add_argument("--seed", type=nonnegative_int, default=0, help="the dataset is a pure function of the seed")
     check_p = sub.add_parser("check", help="list every problem that would break or mislabel training")
     prepare_p = sub.add_parser("prepare", help="decode every video once into a frame store that every stage can read")
     for p in (check_p, prepare_p):
         p.add_argument("--anno", required=True, help="ActivityNet / HACS annotation JSON (prepare: all subsets)")
-        p.add_argument("--videos", required=True, help="folder of <id>.<ext> or v_<id>.<ext> files")
+        p.add_argument("--videos", required=True, type=folder, help="folder of <id>.<ext> or v_<id>.<ext> files")
         p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="decoding processes (default: all)")
     check_p.add_argument("--subset", help="check only this subset (default: all)")
     check_p.add_argument("--deep", action="store_true", help="decode every frame and compare the count with the "
@@ -871,21 +721,16 @@ def main(argv=None):
     for key in GEOMETRY["paper"]:
         prepare_p.add_argument(f"--{key}", type=positive_int, help=f"the preset's {key}, as lofi.py --{key} sets it")
     args = parser.parse_args(argv)
-    if args.command != "synth" and not Path(args.videos).is_dir():
-        parser.error(f"--videos {args.videos}: not a folder")
     try:
         if args.command == "synth":
-            make, count = (synth, 128) if args.shape == "anet" else (synth_kinetics, 2000)
+            make, count = ("synth", 128) if args.shape == "anet" else ("synth_kinetics", 2000)
+            make = runpy.run_path(str(Path(__file__).parent / "tests" / "bench" / "synthetic.py"))[make]
             anno = make(args.out_dir, args.videos or count, args.seed)
             print(f"{args.videos or count} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
             return 0
         if args.command == "prepare":
             geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}
-            stored, failed, missing, frames, size = prepare(args.anno, args.videos, args.store, geometry, args.workers)
-            if failed + missing:
-                print(f"failed and missing videos, with the reasons: {Path(args.store) / 'manifest.jsonl'}")
-            print(f"prepared {stored} videos ({failed} failed, {missing} missing): {frames} frames, {size} bytes "
-                  f"-> {args.store}")
+            prepare(args.anno, args.videos, args.store, geometry, args.workers)
             return 0
         training = [v for v in read_annotations(args.anno)[0].values() if v.subset == "training"]
         videos, report = read_annotations(args.anno, args.subset)

@@ -60,7 +60,7 @@ def get_args(argv=None):
     add("--anno", help="ActivityNet/HACS annotation JSON (default: data/synth/anno.json)")
     add("--videos", help="folder of <id>.mp4 or v_<id>.mp4, mkv, webm, avi (default: beside --anno)")
     add("--store", help="a frame store from `python data.py prepare`, in place of --videos")
-    add("--features", help="head: a folder of (T, D) <id>.npy or v_<id>.npy, in place of an encoder")
+    add("--features", type=data.folder, help="head: a folder of (T, D) <id>.npy or v_<id>.npy, in place of an encoder")
     add("--out", help="run folder (default: runs/<stage>; runs/lofi_head for head)")
     add("--preset", choices=PRESETS, help="paper: ActivityNet on GPUs; tiny: CPU (default: paper if CUDA)")
     add("--snippets", type=pos, help="full-fidelity L (paper: 100)")
@@ -145,9 +145,7 @@ def check_inputs(p, args):
         args.anno = "data/synth/anno.json"
         need(Path(args.anno).is_file(), "--anno: none given, and no data/synth/anno.json: run bash train.sh first")
     need(Path(args.anno).is_file(), f"--anno {args.anno}: no such file")
-    if args.features:
-        need(Path(args.features).is_dir(), f"--features {args.features}: not a folder")
-    elif not args.store:
+    if not args.features and not args.store:
         args.videos = args.videos or str(Path(args.anno).parent / "videos")
         need(Path(args.videos).is_dir(), f"--videos {args.videos}: not a folder")
     if args.init is None:
@@ -317,7 +315,7 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
             for k, v in terms.items():  # on the device: no sync
                 sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
             if split:
-                split.add(batch["replaced"])
+                split.pending += batch["replaced"]
             if parts is not None and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
                 save(epoch, step + 1, sums)
         lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
@@ -378,7 +376,7 @@ def in_order(args, inputs, split, device, videos=None, per_rank=1, rank=0, world
     videos = split.videos if videos is None else videos
     batches = data.Batches(len(videos), per_rank, rank, world, train=False)
     for batch in progress(loader(tal_dataset(args, inputs, videos), batches, args, device), split.subset):
-        split.add(batch["replaced"])
+        split.pending += batch["replaced"]
         yield batch
 
 
@@ -426,7 +424,7 @@ def stage_acp(args, inputs, rank, world, device):
             for batch in loader(val_ds, data.Batches(len(val_ds), per_rank, rank, world, train=False), args, device):
                 hit = net(batch["frames"].to(device)).argmax(1) == batch["labels"].to(device)  # (B,)
                 right += torch.stack([hit.sum(), torch.tensor(len(hit), device=device)])
-                val.add(batch["replaced"])  # (a replacement clip counts: it is valid)
+                val.pending += batch["replaced"]  # (a replacement clip counts: it is valid)
         if world > 1:
             dist.all_reduce(right)
         val.flush("in the clip accuracy")

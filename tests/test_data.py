@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import data
-from bench import other_synth
+from bench import other_synth, synthetic
 from data import Fidelity
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,7 +183,16 @@ def test_seeking_reads_the_same_frames_as_decoding_from_the_start(tmp_path, monk
         sought, n, _ = data.read_video(path, index_fn, (32, 32), seek_first=True)
         np.testing.assert_array_equal(read_counter(sought), index_fn(120, 10))
         assert np.array_equal(sought, data.read_video(path, index_fn, (32, 32))[0]) and n == 120
-    monkeypatch.setattr(data, "landed", lambda cap, fps: -1)                             # a seek that misses
+    class Missing:                                      # a capture whose seeks land elsewhere (not a subclass:
+        def __init__(self, *args, real=cv2.VideoCapture):  # OpenCV's types crash when subclassed objects die)
+            self.cap = real(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.cap, name)
+
+        def get(self, prop):
+            return -1.0 if prop == cv2.CAP_PROP_POS_MSEC else self.cap.get(prop)
+    monkeypatch.setattr(data.cv2, "VideoCapture", Missing)
     frames, _, _ = data.read_video(path, lambda n, fps: [100, 102], (32, 32), seek_first=True)
     np.testing.assert_array_equal(read_counter(frames), [100, 102])                      # read from frame 0
 
@@ -323,8 +332,8 @@ def test_synth_passes_check_and_check_finds_problems(synth_set, tmp_path):
 
 
 def test_synth_is_a_function_of_the_seed(synth_set, tmp_path):
-    data.synth(tmp_path / "same", videos=2, seed=3)
-    data.synth(tmp_path / "other", videos=2, seed=4)
+    synthetic.synth(tmp_path / "same", videos=2, seed=3)
+    synthetic.synth(tmp_path / "other", videos=2, seed=4)
     for vid in ["synth_0000", "synth_0001"]:
         assert (tmp_path / "same/videos" / f"{vid}.mp4").read_bytes() == (synth_set / "videos" / f"{vid}.mp4").read_bytes()
         assert (tmp_path / "other/videos" / f"{vid}.mp4").read_bytes() != (synth_set / "videos" / f"{vid}.mp4").read_bytes()
@@ -333,7 +342,7 @@ def test_synth_is_a_function_of_the_seed(synth_set, tmp_path):
 
 
 def test_synth_at_another_frame_rate_lasts_as_long(tmp_path):
-    videos, _ = data.read_annotations(data.synth(tmp_path, videos=4, seed=0, fps=30))
+    videos, _ = data.read_annotations(synthetic.synth(tmp_path, videos=4, seed=0, fps=30))
     assert all(15 <= v.duration <= 30 for v in videos.values())
     assert data.check(videos.values(), tmp_path / "videos") == ([], [])
 
@@ -341,7 +350,7 @@ def test_synth_at_another_frame_rate_lasts_as_long(tmp_path):
 def test_synth_actions_show_only_in_motion(synth_set):
     anno = json.loads((synth_set / "anno.json").read_text())["database"]
     videos, _ = data.read_annotations(synth_set / "anno.json")
-    assert set(data.class_names(videos)) <= set(data.SYNTH_CLASSES)
+    assert set(data.class_names(videos)) <= set(synthetic.SYNTH_CLASSES)
     kinds = set()
     for v in videos.values():
         frames, n, fps = data.read_video(synth_set / "videos" / f"{v.id}.mp4", lambda n, fps: np.arange(n), (64, 64))
@@ -382,9 +391,9 @@ def _track(frames):
 
 def test_kinetics_clips_move_as_their_class_and_look_like_any(tmp_path):
     # Neither target set's classes (synth's, tests/bench/other_synth.py's) is a pre-training class.
-    videos, _ = data.read_annotations(data.synth_kinetics(tmp_path, clips=72, seed=1))
-    assert not set(data.class_names(videos)) & {*data.SYNTH_CLASSES, *other_synth.CLASSES}
-    assert set(data.class_names(videos)) == set(data.KINETICS_CLASSES)
+    videos, _ = data.read_annotations(synthetic.synth_kinetics(tmp_path, clips=72, seed=1))
+    assert not set(data.class_names(videos)) & {*synthetic.SYNTH_CLASSES, *other_synth.CLASSES}
+    assert set(data.class_names(videos)) == set(synthetic.KINETICS_CLASSES)
     assert data.check(videos.values(), tmp_path / "videos") == ([], [])
     looks, labels, moves = [], [], {}
     for v in videos.values():
@@ -409,7 +418,7 @@ def test_kinetics_clips_move_as_their_class_and_look_like_any(tmp_path):
     # The look (colours, contrast, size in the middle frame) predicts the class no better than chance: nearest
     # class mean, fitted on two thirds, tested on the rest.
     looks, labels = (looks - np.mean(looks, 0)) / np.std(looks, 0), np.array(labels)
-    fit = np.arange(len(labels)) // len(data.KINETICS_CLASSES) % 3 != 0   # (classes in turn)
+    fit = np.arange(len(labels)) // len(synthetic.KINETICS_CLASSES) % 3 != 0   # (classes in turn)
     names = sorted(set(labels))
     means = np.stack([looks[fit & (labels == c)].mean(0) for c in names])
     guess = np.array(names)[((looks[~fit, None] - means) ** 2).sum(-1).argmin(1)]

@@ -1,10 +1,10 @@
 """lofi.py: the three stages end to end on synthetic videos, DDP parity, exact resume, bad data."""
-import contextlib
 import json
+import multiprocessing
 import os
 import re
+import runpy
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -20,6 +20,7 @@ import data
 import gtad
 import lofi
 import tsm
+from bench import synthetic
 from conftest import ROOT
 
 # Small enough for seconds a stage on a CPU: 12 snippets x 2 frames x 32^2 at full fidelity.
@@ -30,7 +31,7 @@ SMALL = ["--preset", "tiny", "--snippets", "12", "--frames", "2", "--stride", "2
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
     root = tmp_path_factory.mktemp("synth")
-    data.synth(root, videos=8, seed=1)
+    synthetic.synth(root, videos=8, seed=1)
     return ["--anno", str(root / "anno.json"), "--videos", str(root / "videos")]
 
 
@@ -46,6 +47,47 @@ def refused(argv, capsys):
 
 def params(path, key):
     return torch.load(path, map_location="cpu", weights_only=True)[key]
+
+
+def as_rank(script_and_args, env, log):
+    """In a forked child: the script as `python script args...` runs it, in a rank's environment, stdout and
+    stderr to `log`; on one thread (OMP_NUM_THREADS=1), so no OpenMP or OpenCV pool is used across the fork."""
+    os.environ.update(env)
+    torch.set_num_threads(1)
+    cv2.setNumThreads(1)
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    for std in (1, 2):
+        os.dup2(fd, std)
+    sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+    sys.argv = [str(a) for a in script_and_args]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+
+
+def start_ranks(script_and_args, logs, n=2):
+    """n processes of a script as torchrun starts its ranks (RANK, WORLD_SIZE, MASTER_ADDR/PORT), forked from
+    this one, whose torch is imported already (a fresh interpreter costs seconds a rank); rank r's output
+    in <logs>/rank<r>.log -> the processes."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    Path(logs).mkdir(parents=True, exist_ok=True)
+    env = dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(n), LOCAL_WORLD_SIZE=str(n))
+    procs = [multiprocessing.get_context("fork").Process(target=as_rank, args=(
+        script_and_args, dict(env, RANK=str(r), LOCAL_RANK=str(r)), Path(logs) / f"rank{r}.log")) for r in range(n)]
+    for p in procs:
+        p.start()
+    return procs
+
+
+def run_ranks(script_and_args, logs, n=2):
+    """start_ranks, waited for (2 minutes at most) -> (exit codes, rank outputs)."""
+    procs = start_ranks(script_and_args, logs, n)
+    for p in procs:
+        p.join(120)
+        if p.exitcode is None:
+            p.kill()
+            p.join()
+    return [p.exitcode for p in procs], [(Path(logs) / f"rank{r}.log").read_text() for r in range(n)]
 
 
 def test_three_stages_in_sequence(synth, tmp_path):
@@ -116,10 +158,8 @@ def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
     per-rank batches, each with its rank's generator, gradients accumulated and halved."""
     argv = ["--stage", "lofi", *SMALL, *synth, "--batch-size", "4", "--max-steps", "1", "--epochs", "1",
             "--freeze-bn", "--cycle", "short", "--out", str(tmp_path / "ddp"), "--preset", "paper"]   # SGD, momentum 0
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "lofi.py"), *argv], cwd=ROOT, env=env, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv], tmp_path / "logs")
+    assert codes == [0, 0], errs[0][-3000:]
     args, inputs = lofi.get_args(argv)
     torch.manual_seed(args.seed)                      # rank 0's initial weights, which DDP broadcasts
     net = tsm.LoFiNet(enc := lofi.build_encoder(args, inputs), gtad.GTAD(gtad.GTADConfig(feat_dim=enc.dim)))
@@ -225,7 +265,7 @@ def dirty(tmp_path_factory):
     """A synthetic set with one training video missing, one cut short (an MJPG .avi that opens, states
     all its frames and ends half-way), one empty file, and one validation video missing."""
     root = tmp_path_factory.mktemp("dirty")
-    data.synth(root, videos=16, seed=2)
+    synthetic.synth(root, videos=16, seed=2)
     anno = json.load(open(root / "anno.json"))["database"]
     train = sorted(v for v, a in anno.items() if a["subset"] == "training")
     val = sorted(v for v, a in anno.items() if a["subset"] == "validation")
@@ -329,18 +369,14 @@ def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_
 
 
 RANK_SCRIPT = """
-import contextlib, os, sys, torch, torch.distributed as dist
+import os, sys, torch, torch.distributed as dist
 sys.path.insert(0, sys.argv[1])
 import lofi
-import tsm
 dist.init_process_group("gloo")
-rank, phase = dist.get_rank(), sys.argv[2]
-torch.manual_seed(0)
-net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
-model = lofi.ddp(net, torch.device("cpu"))                # as fit() wraps a model
+rank = dist.get_rank()
 
 
-def batches():
+def batches(phase):
     for step in range(50):
         if rank == 1 and step == 3 and phase == "loading":
             raise RuntimeError("the disk of rank 1 is on fire")
@@ -352,52 +388,35 @@ def loss(batch):
     return model(x).sum() * (float("nan") if rank == 1 and step == 3 else 1.0), {}
 
 
-try:                                                      # a training step as fit() runs it, ended as lofi.run ends
-    it = batches()
-    for step in range(50):
-        _, total, _ = lofi.forward_step(it, loss, step, torch.device("cpu"))
-        total.backward()                                  # DDP's all_reduce: a lone healthy rank waits here
-finally:
-    if dist.is_initialized():
-        dist.destroy_process_group()
+stops = 0
+for phase in ("loading", "forward"):                      # a training step as fit() runs it, each phase
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
+    model = lofi.ddp(net, torch.device("cpu"))            # as fit() wraps a model
+    try:
+        it = batches(phase)
+        for step in range(50):
+            _, total, _ = lofi.forward_step(it, loss, step, torch.device("cpu"))
+            total.backward()                              # DDP's all_reduce: a lone healthy rank waits here
+    except SystemExit as stop:                            # every rank: the next phase, in the same group
+        print(stop, file=sys.stderr, flush=True)
+        stops += 1
+dist.destroy_process_group()
+raise SystemExit(stops)
 """
 
 
-@pytest.mark.parametrize("phase, reason", [("loading", "step 3, loading: RuntimeError: the disk of rank 1 is on fire"),
-                                           ("forward", "step 3: FloatingPointError: non-finite loss")])
-def test_a_failing_rank_stops_every_rank_with_its_reason(tmp_path, phase, reason):
+def test_a_failing_rank_stops_every_rank_with_its_reason(tmp_path):
     """Two gloo processes started by hand (no torchrun to end the others), a DDP model with BatchNorm:
-    rank 1 fails at step 3, while loading or in its forward pass, and both ranks stop within seconds,
-    each naming rank 1's reason."""
+    rank 1 fails at step 3, while loading, then (a second model) in its forward pass; both ranks stop that
+    training within seconds each time, naming rank 1's reason."""
     (tmp_path / "ranks.py").write_text(RANK_SCRIPT)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(tmp_path / "ranks.py"), str(ROOT), phase], stderr=subprocess.PIPE,
-                              text=True, env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                                              "RANK": str(r), "LOCAL_RANK": str(r), "WORLD_SIZE": "2",
-                                              "OMP_NUM_THREADS": "1"}) for r in (0, 1)]
-    errs = [p.communicate(timeout=60)[1] for p in procs]
-    for p, err in zip(procs, errs):
-        assert p.returncode == 1 and f"stopped, a rank failed: rank 1: {reason}" in err, err[-2000:]
-
-
-def kill_tree(pid):
-    """SIGKILL a process and all its descendants (torchrun starts its ranks in sessions of their own)."""
-    children = {}
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))    # parent pid -> pids
-    todo, family = [pid], []
-    while todo:
-        family.append(todo.pop())
-        todo.extend(children.get(family[-1], []))
-    for p in family:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p, signal.SIGKILL)
+    codes, errs = run_ranks([tmp_path / "ranks.py", ROOT], tmp_path / "logs")
+    for code, err in zip(codes, errs):
+        assert code == 2, err[-2000:]                                    # both phases stopped
+        for reason in ("step 3, loading: RuntimeError: the disk of rank 1 is on fire",
+                       "step 3: FloatingPointError: non-finite loss"):
+            assert f"stopped, a rank failed: rank 1: {reason}" in err, err[-2000:]
 
 
 def same_end_state(tmp_path, stage):
@@ -415,26 +434,25 @@ def same_end_state(tmp_path, stage):
 
 # One loop trains every stage: stage 1 in one process and stage 2 under torchrun cover its resume.
 def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
-    """Stage 2 under torchrun, 2 ranks, --save-every 1; SIGKILL the run (torchrun and its ranks) once a
-    mid-epoch checkpoint exists; --resume must end with the weights, optimizer state and logged losses of an
-    uninterrupted run."""
-    launch = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    argv = [*launch, str(ROOT / "lofi.py"), "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--save-every", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    straight = subprocess.run([*argv, "--out", str(tmp_path / "straight")], env=env, capture_output=True, text=True)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "\r" not in straight.stderr                                    # no progress bars into a pipe
+    """Stage 2 in 2 rank processes, --save-every 1; SIGKILL both once a mid-epoch checkpoint exists; --resume
+    must end with the weights, optimizer state and logged losses of an uninterrupted run."""
+    argv = [ROOT / "lofi.py", "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--save-every", "1",
+            "--max-steps", "2"]
+    codes, errs = run_ranks([*argv, "--out", tmp_path / "straight"], tmp_path / "logs0")
+    assert codes == [0, 0], errs[0][-3000:]
+    assert "\r" not in errs[0]                                            # no progress bars into a pipe
     ckpt = tmp_path / "killed" / "last.pt"
-    run = subprocess.Popen([*argv, "--out", str(tmp_path / "killed")], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    procs = start_ranks([*argv, "--out", tmp_path / "killed"], tmp_path / "logs1")
     deadline = time.time() + 120
-    while not ckpt.exists() and run.poll() is None and time.time() < deadline:
+    while not ckpt.exists() and all(p.is_alive() for p in procs) and time.time() < deadline:
         time.sleep(0.005)
-    kill_tree(run.pid)
-    run.wait()
+    for p in procs:
+        p.kill()                                                          # SIGKILL
+        p.join()
     at = torch.load(ckpt, weights_only=True)
     assert at["epoch"] == 0 and at["step"] >= 1, (at["epoch"], at["step"])      # killed inside epoch 0
-    resumed = subprocess.run([*argv, "--out", str(tmp_path / "killed"), "--resume"], env=env, capture_output=True, text=True)
-    assert resumed.returncode == 0 and f"step {at['step']}" in resumed.stdout, resumed.stderr[-3000:]
+    codes, outs = run_ranks([*argv, "--out", tmp_path / "killed", "--resume"], tmp_path / "logs2")
+    assert codes == [0, 0] and f"step {at['step']}" in outs[0], outs[0][-3000:]
     same_end_state(tmp_path, "lofi")
 
 
@@ -446,7 +464,7 @@ def test_stage_1_stopped_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, 
     """Stage 1 in this process (the SIGKILL of a real process is the test above), --save-every 1: the run stops
     dead right after its first mid-epoch checkpoint is on disk; --resume must end with the weights, optimizer
     state and logged losses of an uninterrupted run."""
-    argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--save-every", "1"]
+    argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--save-every", "1", "--max-steps", "3"]
     lofi.main([*argv, "--out", str(tmp_path / "straight")])
     assert "\r" not in capsys.readouterr().err                            # no progress bars off a terminal
     ckpt, real = tmp_path / "killed" / "last.pt", data.atomic_save
@@ -516,10 +534,8 @@ def test_two_ranks_write_the_single_process_features(synth, tmp_path):
         lofi.main([*argv, "--batch-size", "1", "--out", str(tmp_path / "one")])
     finally:
         torch.set_num_threads(threads)
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          str(ROOT / "lofi.py"), *argv, "--batch-size", "2", "--out", str(tmp_path / "two")],
-                         env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]                             # one video a step on every rank
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--batch-size", "2", "--out", tmp_path / "two"], tmp_path / "logs")
+    assert codes == [0, 0], errs[0][-3000:]                                   # one video a step on every rank
     a, b = (sorted((tmp_path / d / "features").glob("*.npy")) for d in ("one", "two"))
     assert len(a) == 8 and [f.name for f in a] == [f.name for f in b]
     assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
@@ -554,7 +570,7 @@ def oracle(tmp_path_factory):
     """A 64-video synthetic set with ground-truth features in --features files (T varies with the video,
     half the files named v_<id>.npy); no video is read."""
     root = tmp_path_factory.mktemp("oracle")
-    anno = data.synth(root, videos=64, seed=5)
+    anno = synthetic.synth(root, videos=64, seed=5)
     videos, _ = data.read_annotations(anno)
     classes = data.class_names(videos)
     rng = np.random.default_rng(0)
@@ -567,7 +583,7 @@ def oracle(tmp_path_factory):
     return root
 
 
-def test_oracle_features_through_stage_3_reach_a_high_map(oracle, tmp_path):
+def test_oracle_features_through_stage_3_reach_a_high_map(oracle, tmp_path, capsys):
     """The head path (targets, G-TAD training, decoding, class assignment, evaluation) on ground-truth
     features at L = 24, 4 epochs: an encoder-independent ceiling. Measured 0.83 average mAP; a broken path gives ~0."""
     out = tmp_path / "head"
@@ -576,9 +592,8 @@ def test_oracle_features_through_stage_3_reach_a_high_map(oracle, tmp_path):
     metrics = json.load(open(out / "metrics.json"))
     assert metrics["average-mAP"] >= 0.7, metrics
     # The head has no encoder: stage detect says so instead of failing inside torch.
-    r = subprocess.run([sys.executable, str(ROOT / "lofi.py"), "--stage", "detect", "--run", str(out),
-                        "--video", str(next((oracle / "videos").iterdir()))], capture_output=True, text=True)
-    assert r.returncode != 0 and "precomputed features" in r.stderr and "Traceback" not in r.stderr
+    assert "precomputed features" in refused(["--stage", "detect", "--run", str(out), "--video",
+                                              str(next((oracle / "videos").iterdir()))], capsys)
 
 
 def test_bad_feature_files_are_refused_by_name(oracle, tmp_path, capsys):
@@ -610,7 +625,7 @@ def test_lr_search_scores_held_out_training_videos_only(oracle, tmp_path, monkey
     out = tmp_path / "head"
     lofi.main(["--stage", "head", "--preset", "tiny", "--anno", str(oracle / "anno.json"), "--features",
                str(oracle / "features"), "--out", str(out), "--workers", "0", "--epochs", "1", "--snippets", "12",
-               "--lr-search"])
+               "--batch-size", "16", "--lr-search"])
     anno = json.load(open(oracle / "anno.json"))["database"]
     training = {k for k, v in anno.items() if v["subset"] == "training"}
     assert len(scored) == len(lofi.LR_GRID)                       # one score per lr of the paper's set

@@ -10,6 +10,7 @@ import torchvision
 
 import data
 import tsm
+from bench import synthetic
 
 from tsm import MEAN, STD, TSM, TemporalShift, TSMConfig, load_weights, normalize, temporal_shift
 
@@ -283,34 +284,35 @@ def test_bad_input_shape_is_rejected():
 
 # ----------------------------------------------------------------------------- the shift, end to end
 def test_shift_learns_motion_that_tsn_cannot(tmp_path):
-    """The synthetic classes differ only in how an object moves, and the shift is TSM's only way to
-    compare frames: trained alike, TSM must beat the same network with shift_div = 0 (TSN, which sees
-    each frame apart and only averages them). Measured: TSM 0.80, TSN 0.68 validation clip accuracy
-    (chance 0.33; TSN reads some motion from where the object is in each of the four frames)."""
-    anno = data.synth(tmp_path, videos=64, seed=7)
-    videos, _ = data.read_annotations(anno)
-    classes = data.class_names(videos)
+    """Rising against falling clips of the synthetic Kinetics (each clip its own look), every clip also
+    played backwards with the other label: the classes differ only in the order of the frames. TSN (the
+    same network with shift_div = 0) averages frames it sees apart, so a clip and its reversal get the
+    same output and it is at 0.5 by construction; the shift is TSM's only way to compare frames.
+    Trained alike (2 frames, 50 steps): TSM 1.00 / 0.98 / 0.95 validation accuracy over three data seeds, TSN 0.50."""
+    anno = synthetic.synth_kinetics(tmp_path, clips=450, seed=3)
+    videos = [v for v in data.read_annotations(anno)[0].values() if v.labels[0] in ("rise", "fall")]
 
-    def clips(subset, draws, augment):             # random clip positions (and looks), loaded once
-        ds = data.ClipDataset([v for v in videos.values() if v.subset == subset], tmp_path / "videos", classes,
-                              4, 2, size=(64, 64), train=True, seed=1, augment=augment)
+    def clips(subset, draws):                      # random clip positions, loaded once, and the reversals
+        ds = data.ClipDataset([v for v in videos if v.subset == subset], tmp_path / "videos", ["fall", "rise"],
+                              2, 4, size=(32, 32), train=True, seed=1, augment=subset == "training")
         items = [ds[k] for e in range(draws) if ds.set_epoch(e) is None for k in range(len(ds))]
-        return torch.stack([x["frames"] for x in items]), torch.tensor([x["label"] for x in items])  # (N, 4, 3, 64, 64)
-    (x_train, y_train), (x_val, y_val) = clips("training", 8, True), clips("validation", 4, False)
+        x, y = torch.stack([i["frames"] for i in items]), torch.tensor([i["label"] for i in items])  # (N, 2, 3, 32, 32)
+        return torch.cat([x, x.flip(1)]), torch.cat([y, 1 - y])
+    (x_train, y_train), (x_val, y_val) = clips("training", 4), clips("validation", 2)
     accuracy = {}
     for shift_div in (8, 0):
         torch.manual_seed(0)
-        net = tsm.ClipNet(TSM(TSMConfig(shift_div=shift_div)), len(classes)).to(memory_format=torch.channels_last)
+        net = tsm.ClipNet(TSM(TSMConfig(shift_div=shift_div)), 2).to(memory_format=torch.channels_last)
         opt = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-2)
         draw = torch.Generator().manual_seed(0)
-        for _ in range(400):                        # stage 1's recipe (tiny preset, --amp), fewer steps
+        for _ in range(50):                         # stage 1's recipe (tiny preset), few steps
             b = torch.randint(len(x_train), (16,), generator=draw)
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                loss = torch.nn.functional.cross_entropy(net(x_train[b]).float(), y_train[b])
+            loss = torch.nn.functional.cross_entropy(net(x_train[b]), y_train[b])
             opt.zero_grad()
             loss.backward()
             opt.step()
         net.eval()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.no_grad():
             accuracy[shift_div] = (net(x_val).argmax(1) == y_val).float().mean().item()
+    assert accuracy[0] == 0.5, accuracy             # TSN cannot tell a clip from its reversal
     assert accuracy[8] >= accuracy[0] + 0.1, accuracy

@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import data  # noqa: E402
+import synthetic  # noqa: E402  (beside this file)
 
 FULL, F, STRIDE = data.Fidelity(32, 64, 64), 4, 2
 
@@ -91,7 +92,7 @@ def main():
     torch.set_num_threads(1)
     tmp = Path(tempfile.mkdtemp(prefix="bench_data_"))
     t = time.perf_counter()
-    anno = data.synth(tmp / "synth", args.videos, seed=0, fps=args.fps,
+    anno = synthetic.synth(tmp / "synth", args.videos, seed=0, fps=args.fps,
                       size=tuple(int(x) for x in args.size.split("x")))
     synth_s = time.perf_counter() - t
     videos, _ = data.read_annotations(anno)

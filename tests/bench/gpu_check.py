@@ -50,6 +50,7 @@ from torch.utils.flop_counter import FlopCounterMode
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 import data, gtad, lofi, tsm  # noqa: E402,E401
+import synthetic  # noqa: E402  (beside this file)
 
 STAGE_TIMEOUT = 90                   # seconds a torchrun stage may take; past it the stage fails with rc 124
 # mem_bf16: lofi.training_memory under bf16 too (--tiny: fp32 only, to stay inside the test's seconds).
@@ -268,7 +269,7 @@ def main():
     try:
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
-            data.synth(work / "synth", g["videos"], seed=0)        # = python data.py synth DIR --videos N
+            synthetic.synth(work / "synth", g["videos"], seed=0)        # = python data.py synth DIR --videos N
             report["stages"] = run_stages(stage_argvs(g, preset, work), a.tiny, work)   # first: the device is idle
             torch.manual_seed(0)
             nets = {amp: model(device, amp) for amp in (False, True)}
