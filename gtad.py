@@ -442,6 +442,12 @@ def read_video_scores(path):
     return scores, names
 
 
+def write_video_scores(path, scores, names):
+    """dict id -> (K,) scores and the K class names -> a CUHK-format file, as read_video_scores reads it."""
+    Path(path).write_text(json.dumps({"results": {k: np.asarray(p).tolist() for k, p in scores.items()},
+                                      "class": list(names)}))
+
+
 # ----------------------------------------------------------------------------- per-video features
 def rescale(x, L):
     """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples

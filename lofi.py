@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from dataclasses import asdict
@@ -96,7 +97,8 @@ def get_args(argv=None):
     add("--plan-snippets", type=pos, help="plan: snippets the encoder runs")
     add("--video", help="detect: one video file")
     add("--run", help="detect: a stage-3 run folder")
-    add("--resume", action="store_true", help="continue from <out>/last.pt")
+    add("--resume", action="store_true", help="continue from <out>/last.pt (a torchrun restart does)")
+    add("--overwrite", action="store_true", help="start the run in --out again")
     add("--save-every", type=count, default=0, help="also save every N steps")
     add("--seed", type=count, default=0)
     add("--max-steps", type=pos, help="stop each epoch after N steps (tests)")
@@ -155,7 +157,13 @@ def check_inputs(p, args):
             print(f"--init {args.init}" + ("" if default.is_file() else f" (no {default}: the encoder starts random)"))
     need(args.init in ("none", "imagenet") or Path(args.init).is_file(), f"--init {args.init}: no such checkpoint file")
     need(not args.video_scores or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: no file")
-    need(not args.resume or Path(args.out, "last.pt").is_file(), f"--resume: no checkpoint at {args.out}/last.pt")
+    held = [n for n in ("last.pt", "log.jsonl") if Path(args.out, n).is_file()]
+    epochs = re.findall(r'"epoch": (\d+)', Path(args.out, "log.jsonl").read_text()) if "log.jsonl" in held else []
+    args.resume |= bool(held) and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # its own checkpoint
+    need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
+    need(not held or args.resume or args.overwrite, f"--out {args.out}: holds a run ({', '.join(held)}, last "
+         f"logged epoch {(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again")
+    need(not args.resume or "last.pt" in held, f"--resume: no checkpoint at {args.out}/last.pt")
     try:
         inputs.videos = data.read_annotations(args.anno)[0]
         if args.store:
@@ -292,7 +300,10 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
             state = dict(stage=name, **{k: m.state_dict() for k, m in parts.items()}, **extra,
                          optimizer=opt.state_dict(), scheduler=sched.state_dict(), epoch=epoch, step=step, world=world,
                          args=vars(args), partial=step and {k: v.item() for k, v in sums.items()})
-            data.atomic_save(path, lambda f: torch.save(state, f))  # a killed run keeps the last whole file
+            try:  # a kill or a failed write keeps the last whole file
+                data.atomic_save(path, lambda f: torch.save(state, f))
+            except (OSError, RuntimeError) as e:  # (torch.save wraps a disk's OSError)
+                raise data.BadInput(f"{path}: not written ({e.__context__ or e}); the previous one is intact") from None
     raw = model.module if isinstance(model, DDP) else model
     for epoch in range(start, args.epochs):
         t0 = time.time()
@@ -399,7 +410,7 @@ def build_encoder(args, inputs):
 # ----------------------------------------------------------------------------- stage 1: ACP
 def stage_acp(args, inputs, rank, world, device):
     """Clip classification on the trimmed instances of --anno (Sec. 3.1: ACP on a pre-training set, ACP+ on the
-    target's); then the validation videos' class scores (<out>/video_scores.json, CUHK format)."""
+    target's), with the held-out clips' accuracy an epoch."""
     train, val = videos_of(args, inputs, "training"), videos_of(args, inputs, "validation")
     classes = data.class_names(train.videos + val.videos)
     ds, val_ds = (data.ClipDataset(s.videos, inputs.store or args.videos, classes, args.frames, args.stride,
@@ -433,17 +444,6 @@ def stage_acp(args, inputs, rank, world, device):
         data.Batches(len(ds), per_rank, rank, world, args.seed), load, loss, device,
         parts=dict(encoder=net.encoder, classifier=net.fc), keep=("classes",), split=train, on_epoch=accuracy,
         extra=dict(encoder_cfg=asdict(net.encoder.cfg), classes=classes))
-    if rank > 0:
-        return
-    # G-TAD and the paper take their classes from a separate video classifier: with these scores stage 3
-    # assigns the same classes on any encoder (baseline or LoFi), and the comparison measures localization.
-    results = {}
-    for batch in in_order(args, inputs, val, device):
-        with torch.no_grad(), autocast(args, device):
-            results[batch["ids"][0]] = net.eval()(batch["frames"][0].to(device)).float().softmax(1).mean(0).tolist()
-    val.flush("while scoring videos", collective=False)
-    (Path(args.out) / "video_scores.json").write_text(json.dumps({"results": results, "class": classes}))
-    print0(f"video-level class scores of {len(results)} validation videos -> {Path(args.out) / 'video_scores.json'}")
 
 
 # ----------------------------------------------------------------------------- stage 2: LoFi
@@ -606,8 +606,7 @@ def stage_head(args, inputs, rank, world, device):
     out, table = Path(args.out), inputs.video_scores
     if not table:  # its own classes, also for another encoder's head: --video-scores <out>/video_scores.json
         table = {v.id: gtad.video_class_scores(clf, feats[v.id]) for v in val.videos}, classes
-        (out / "video_scores.json").write_text(json.dumps({"results": {k: p.tolist() for k, p in table[0].items()},
-                                                           "class": classes}))
+        gtad.write_video_scores(out / "video_scores.json", *table)
 
     def scores(v):
         if v.id not in table[0]:
@@ -700,11 +699,10 @@ def run(args, inputs):
     rank, world, device = compute_init(args)
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
-        print0(json.dumps(vars(args)))
         if rank == 0:
             (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
-            if not args.resume:
-                for name in ("log.jsonl", "missing.txt"):
+            if not args.resume:  # a new run, or --overwrite (features stay: a keyed cache)
+                for name in ("last.pt", "log.jsonl", "missing.txt"):
                     (Path(args.out) / name).unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, inputs, rank, world, device)
     finally:

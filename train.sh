@@ -10,12 +10,14 @@
 #                                            # --init none: from scratch on them alone)
 #   bash train.sh --ablation [--seeds "0 1 2"] [--jobs 3]  # the paper's Tables 1-2 in miniature: stage 3 on every
 #                                            # encoder, each seed its own data; --jobs: seeds side by side
+#   bash train.sh ... --resume | --overwrite # continue the runs in --out, or start them again (else: refused)
 # Prints mAP of the baseline (head on the classification-pretrained encoder) and of LoFi.
 set -euo pipefail
 here=$(pwd)
 cd "$(dirname "$0")"
 
 ANNO="" VIDEOS="" STORE="" OUT=runs PRESET=tiny NPROC=1 SEED=0 INIT="" ABLATION=0 SEEDS="0 1 2" JOBS=1 ACP_PLUS=0
+RESUME=0 OVERWRITE=0
 KINETICS_CLIPS=2000 KINETICS_EPOCHS=14   # the synthetic Kinetics pre-training: its clips and epochs
 die() { echo "train.sh: $*" >&2; exit 2; }
 while [ $# -gt 0 ]; do
@@ -29,10 +31,12 @@ while [ $# -gt 0 ]; do
     --seed) SEED=${2:?--seed needs a number}; shift 2 ;;
     --init) INIT=${2:?--init needs a checkpoint file, imagenet or none}; shift 2 ;;
     --acp-plus) ACP_PLUS=1; shift ;;
+    --resume) RESUME=1; shift ;;
+    --overwrite) OVERWRITE=1; shift ;;
     --ablation) ABLATION=1; shift ;;
     --seeds) SEEDS=${2:?--seeds needs a list such as "0 1 2"}; shift 2 ;;
     --jobs) JOBS=${2:?--jobs needs a number}; shift 2 ;;
-    -h|--help) sed -n 2,13p "$0"; exit 0 ;;
+    -h|--help) sed -n 2,14p "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see bash train.sh --help)" ;;
   esac
 done
@@ -47,6 +51,12 @@ case "$PRESET" in tiny|paper) ;; *) die "--preset must be tiny or paper, not '$P
 [[ "$SEED" =~ ^[0-9]+$ ]] || die "--seed must be a non-negative integer, not '$SEED'"
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, not '$JOBS'"
 [[ "$SEEDS" =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be non-negative integers separated by spaces, not '$SEEDS'"
+[ "$RESUME$OVERWRITE" != 11 ] || die "give --resume or --overwrite, not both"
+if [ "$RESUME$OVERWRITE" = 00 ] && [ -d "$OUT" ]; then   # a run is never overwritten unasked (the acp link: the cache)
+  held=$(find "$OUT" -mindepth 2 -maxdepth 3 \( -name last.pt -o -name log.jsonl \) | sort)
+  [ -z "$held" ] || die "'$OUT' holds runs ($(echo "$held" | wc -l) files, e.g. $(echo "$held" | head -1)):" \
+    "--resume continues them, --overwrite starts them again"
+fi
 USER_DATA=""
 if [ -n "$ANNO$VIDEOS$STORE" ]; then
   USER_DATA=1
@@ -67,12 +77,15 @@ OUT=$(realpath "$OUT")
 : > "$OUT/times.txt"
 
 run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the first failure
-  local name=$1 t0=$SECONDS; shift
+  local name=$1 t0=$SECONDS a prev="" out="" again=(); shift
+  for a in "$@"; do [ "$prev" != --out ] || out=$a; prev=$a; done
+  [ "$OVERWRITE" = 0 ] || again=(--overwrite)
+  [ "$RESUME" = 0 ] || [ ! -f "$out/last.pt" ] || again=(--resume)   # a stage not begun starts
   echo "== stage $name"
   if [ "$NPROC" -gt 1 ]; then cmd=(torchrun --standalone --nproc_per_node="$NPROC" lofi.py); else cmd=(python lofi.py); fi
   # bf16 runs the tiny preset 1.4-2.5x faster on CPUs with AVX512-BF16 (README)
   local src=(--videos "$VIDEOS"); [ -z "$STORE" ] || src=(--store "$STORE")
-  "${cmd[@]}" "$@" --preset "$PRESET" --anno "$ANNO" "${src[@]}" --seed "$SEED" $([ "$PRESET" = tiny ] && echo --amp) \
+  "${cmd[@]}" "$@" "${again[@]}" --preset "$PRESET" --anno "$ANNO" "${src[@]}" --seed "$SEED" $([ "$PRESET" = tiny ] && echo --amp) \
     || { echo "train.sh: stage '$name' failed" >&2; exit 1; }
   echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }
@@ -81,13 +94,12 @@ pretrain() {  # (1) ACP on a synthetic Kinetics (no target class in it), once a 
   PRE=data/pretrained/acp_kinetics${KINETICS_CLIPS}-seed0_${PRESET}_e${KINETICS_EPOCHS}
   [ -f data/kinetics/anno.json ] || python data.py synth data/kinetics --shape kinetics --videos "$KINETICS_CLIPS"
   if [ ! -f "$PRE/done" ]; then
-    SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp --out "$PRE" \
+    RESUME=0 OVERWRITE=0 SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp --out "$PRE" \
       --init none --epochs "$KINETICS_EPOCHS" $([ -f "$PRE/last.pt" ] && echo --resume) && touch "$PRE/done"
   fi
 }
 
-stage1() {  # the baseline's encoder -> INIT (SCORES, and $OUT/stage1: the run whose clip accuracy is printed)
-  SCORES=()
+stage1() {  # the baseline's encoder -> INIT (and $OUT/stage1: the run whose clip accuracy is printed)
   if [ -z "$INIT" ] && [ -z "$USER_DATA" ]; then
     pretrain && INIT=$PRE/last.pt && echo "$PRE" > "$OUT/stage1"
     [ -d "$OUT/acp" ] && [ ! -L "$OUT/acp" ] || ln -sfn "$(realpath "$PRE")" "$OUT/acp"   # lofi.py's default --init
@@ -95,7 +107,7 @@ stage1() {  # the baseline's encoder -> INIT (SCORES, and $OUT/stage1: the run w
   if [ -z "$INIT" ] || [ "$ACP_PLUS" = 1 ]; then    # (1) the target's trimmed instances: ACP+, or from scratch
     [ ! -L "$OUT/acp" ] || rm "$OUT/acp"            # (not into the pre-trained encoder's folder)
     run acp --stage acp --out "$OUT/acp" --init "${INIT:-none}"
-    INIT=$OUT/acp/last.pt SCORES=(--video-scores "$OUT/acp/video_scores.json") && echo "$OUT/acp" > "$OUT/stage1"
+    INIT=$OUT/acp/last.pt && echo "$OUT/acp" > "$OUT/stage1"
   fi
 }
 
@@ -108,8 +120,8 @@ ablate() {  # ablate SEED: Tables 1-2 in miniature for one seed, in $BASE/seed$S
   mkdir -p "$OUT"
   : > "$OUT/times.txt"
   stage1
-  run head-acp --stage head "${SCORES[@]}" --out "$OUT/head-acp" --init "$INIT"                               # ACP (the baseline)
-  [ ${#SCORES[@]} -gt 0 ] || SCORES=(--video-scores "$OUT/head-acp/video_scores.json")   # one classifier for all rows
+  run head-acp --stage head --out "$OUT/head-acp" --init "$INIT"                                              # ACP (the baseline)
+  SCORES=(--video-scores "$OUT/head-acp/video_scores.json")                            # one classifier for all rows
   for row in long short; do                                                                     # C-LoFi, long and short cycle
     run "lofi-c$row" --stage lofi --out "$OUT/lofi-c$row" --init "$INIT" --cycle "$row"
     run "head-c$row" --stage head "${SCORES[@]}" --out "$OUT/head-c$row" --init "$OUT/lofi-c$row/last.pt"
@@ -176,9 +188,9 @@ PY
 fi
 
 rm -f "$OUT/stage1"
-stage1   # (1) the encoder; classes: stage 1's classifier on target clips (as G-TAD takes CUHK's), else the baseline head's
-run baseline --stage head "${SCORES[@]}" --out "$OUT/baseline" --init "$INIT"                      # (3) head at full fidelity on the stage-1 encoder: the baseline
-[ ${#SCORES[@]} -gt 0 ] || SCORES=(--video-scores "$OUT/baseline/video_scores.json")   # one classifier for both rows
+stage1   # (1) the encoder
+run baseline --stage head --out "$OUT/baseline" --init "$INIT"                      # (3) head at full fidelity on the stage-1 encoder: the baseline
+SCORES=(--video-scores "$OUT/baseline/video_scores.json")   # its video classes for both rows (as G-TAD takes CUHK's)
 run lofi     --stage lofi --out "$OUT/lofi" --init "$INIT" --cycle long              # (2) encoder + head end to end, C-LoFi long cycle
 run lofi-head --stage head "${SCORES[@]}" --out "$OUT/lofi_head" --init "$OUT/lofi/last.pt"      # (3) head at full fidelity on the LoFi encoder
 

@@ -123,10 +123,10 @@ def test_three_stages_in_sequence(synth, tmp_path):
     assert len(files) == 8 and np.load(files[0]).shape == (12, 512)
     mtimes = [os.path.getmtime(f) for f in files]
     lofi.main(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "head"), "--epochs", "1",
-               "--init", str(tmp_path / "lofi" / "last.pt")])
+               "--init", str(tmp_path / "lofi" / "last.pt"), "--overwrite"])
     assert [os.path.getmtime(f) for f in files] == mtimes
     lofi.main(["--stage", "head", *SMALL, *synth, "--out", str(tmp_path / "head"), "--epochs", "1",
-               "--init", str(tmp_path / "acp" / "last.pt")])
+               "--init", str(tmp_path / "acp" / "last.pt"), "--overwrite"])
     assert all(os.path.getmtime(f) != m for f, m in zip(files, mtimes))
     # Stage detect on one validation video: JSON with detections, a timeline PNG of the drawn size.
     vid = sorted(dets)[0]
@@ -160,7 +160,7 @@ def test_two_process_gloo_matches_accumulated_single_process(synth, tmp_path):
             "--freeze-bn", "--cycle", "short", "--out", str(tmp_path / "ddp"), "--preset", "paper"]   # SGD, momentum 0
     codes, errs = run_ranks([ROOT / "lofi.py", *argv], tmp_path / "logs")
     assert codes == [0, 0], errs[0][-3000:]
-    args, inputs = lofi.get_args(argv)
+    args, inputs = lofi.get_args([*argv, "--out", str(tmp_path / "reference")])   # (the run's folder holds a run)
     torch.manual_seed(args.seed)                      # rank 0's initial weights, which DDP broadcasts
     net = tsm.LoFiNet(enc := lofi.build_encoder(args, inputs), gtad.GTAD(gtad.GTADConfig(feat_dim=enc.dim)))
     net.train()
@@ -454,6 +454,56 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
     codes, outs = run_ranks([*argv, "--out", tmp_path / "killed", "--resume"], tmp_path / "logs2")
     assert codes == [0, 0] and f"step {at['step']}" in outs[0], outs[0][-3000:]
     same_end_state(tmp_path, "lofi")
+
+
+def test_a_run_is_never_overwritten_unasked(synth, tmp_path, capsys, monkeypatch):
+    """A second run into an occupied folder is refused (exit 2, one line naming the folder, both flags and the
+    last epoch), its last.pt untouched; --overwrite starts it again, --resume continues it, and under a
+    torchrun restart (TORCHELASTIC_RESTART_COUNT > 0) the same command line continues by itself."""
+    out = tmp_path / "run"
+    argv = ["--stage", "lofi", *SMALL, *synth, "--max-steps", "1", "--out", str(out)]
+    lofi.main([*argv, "--epochs", "1"])
+    before = (out / "last.pt").read_bytes()
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--epochs", "1"], tmp_path / "logs", n=1)   # a real process
+    line = [x for x in errs[0].splitlines() if x.startswith("lofi.py: error: ")]      # (stdout: --init says why)
+    assert codes == [2] and len(line) == 1 and "Traceback" not in errs[0], errs[0][-2000:]
+    assert all(w in line[0] for w in (f"--out {out}: holds a run", "last logged epoch 0", "--resume", "--overwrite"))
+    assert (out / "last.pt").read_bytes() == before
+    assert "not both" in refused([*argv, "--resume", "--overwrite"], capsys)
+    lofi.main([*argv, "--epochs", "1", "--overwrite"])                 # started again: one epoch logged, not two
+    assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0]
+    lofi.main([*argv, "--epochs", "2", "--resume"])
+    assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1]
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    lofi.main([*argv, "--epochs", "3"])
+    assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1, 2]
+    assert "resumed from" in capsys.readouterr().out
+
+
+FILE_LIMIT = """
+import resource, runpy, signal, sys
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # a write past the limit fails with EFBIG, as on a full disk
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[1]), resource.RLIM_INFINITY))
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_failed_checkpoint_write_keeps_the_last_one(synth, tmp_path):
+    """A checkpoint that cannot be written (files capped below its size: EFBIG, as ENOSPC on a full disk)
+    stops the run with one line naming the file, exit 2, and the previous last.pt loads as it was."""
+    out = tmp_path / "run"
+    argv = ["--stage", "lofi", *SMALL, *synth, "--max-steps", "1", "--out", str(out)]
+    lofi.main([*argv, "--epochs", "1"])
+    before = (out / "last.pt").read_bytes()
+    (tmp_path / "limit.py").write_text(FILE_LIMIT)
+    codes, errs = run_ranks([tmp_path / "limit.py", len(before) // 2, ROOT / "lofi.py", *argv, "--epochs", "2",
+                             "--resume"], tmp_path / "logs", n=1)
+    line = errs[0].strip().splitlines()[-1]
+    assert codes == [2] and "Traceback" not in errs[0], errs[0][-2000:]
+    assert line.startswith(f"lofi.py: error: {out / 'last.pt'}: not written (") and "File too large" in line, line
+    assert (out / "last.pt").read_bytes() == before and torch.load(out / "last.pt", weights_only=True)["epoch"] == 1
+    assert not list(out.glob("*.tmp"))                                  # and no half-written file beside it
 
 
 class Killed(BaseException):

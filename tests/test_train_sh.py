@@ -38,3 +38,14 @@ def test_init_names_a_checkpoint_or_imagenet(tmp_path):
     r = train_sh("--help")
     assert r.returncode == 0 and "--init PATH|imagenet|none" in r.stdout and "skip stage 1" in r.stdout
     assert "--acp-plus" in r.stdout and "synthetic Kinetics" in r.stdout
+
+
+def test_runs_in_out_are_never_overwritten_unasked(tmp_path):
+    held = tmp_path / "runs" / "baseline" / "last.pt"
+    held.parent.mkdir(parents=True)
+    held.write_bytes(b"a run")
+    r = train_sh("--out", str(tmp_path / "runs"))
+    assert r.returncode == 2 and str(held) in r.stderr and "--resume" in r.stderr and "--overwrite" in r.stderr
+    assert held.read_bytes() == b"a run" and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["baseline"]
+    r = train_sh("--out", str(tmp_path / "runs"), "--resume", "--overwrite")
+    assert r.returncode == 2 and "not both" in r.stderr
