@@ -119,6 +119,7 @@ ablate() {  # ablate SEED: Tables 1-2 in miniature for one seed, in $BASE/seed$S
   fi
   mkdir -p "$OUT"
   : > "$OUT/times.txt"
+  rm -f "$OUT/stage1"
   stage1
   run head-acp --stage head --out "$OUT/head-acp" --init "$INIT"                                              # ACP (the baseline)
   SCORES=(--video-scores "$OUT/head-acp/video_scores.json")                            # one classifier for all rows
