@@ -7,7 +7,7 @@ localization at low fidelity, in three stages of one program, every one trained 
   --stage plan   training memory of every fidelity, and what fits; --stage detect: one video file
 
   bash train.sh  # the whole pipeline, synthetic, CPU
-  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long  # after bash train.sh: its data and stage 1
+  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long  # after bash train.sh (+ --overwrite: its run)
   python lofi.py --stage plan --preset paper --budget-gb 80  # needs no dataset
 
 Videos without a file are skipped, videos that fail to decode replaced, both with a record (README).
@@ -97,7 +97,7 @@ def get_args(argv=None):
     add("--plan-snippets", type=pos, help="plan: snippets the encoder runs")
     add("--video", help="detect: one video file")
     add("--run", help="detect: a stage-3 run folder")
-    add("--resume", action="store_true", help="continue from <out>/last.pt (a torchrun restart does)")
+    add("--resume", action="store_true", help="continue from <out>/last.pt")
     add("--overwrite", action="store_true", help="start the run in --out again")
     add("--save-every", type=count, default=0, help="also save every N steps")
     add("--seed", type=count, default=0)
@@ -159,7 +159,6 @@ def check_inputs(p, args):
     need(not args.video_scores or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: no file")
     held = [n for n in ("last.pt", "log.jsonl") if Path(args.out, n).is_file()]
     epochs = re.findall(r'"epoch": (\d+)', Path(args.out, "log.jsonl").read_text()) if "log.jsonl" in held else []
-    args.resume |= bool(held) and int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0)) > 0  # its own checkpoint
     need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
     need(not held or args.resume or args.overwrite, f"--out {args.out}: holds a run ({', '.join(held)}, last "
          f"logged epoch {(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again")
@@ -485,7 +484,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
     encoder's file, the geometry) differs. Broken videos get no file."""
     folder, init, todo = Path(args.out) / "features", Path(args.init), [None]
     stamp = [str(init.resolve()), init.stat().st_size, init.stat().st_mtime_ns] if init.is_file() else args.init
-    key = dict(init=stamp, source="store" if args.store else "videos", **{k: getattr(args, k) for k in (
+    key = dict(init=stamp, source=args.store or args.videos, **{k: getattr(args, k) for k in (
         "depth", "bn_recal", "seed", "amp", "snippets", "frames", "stride", "size")})
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)

@@ -52,11 +52,6 @@ case "$PRESET" in tiny|paper) ;; *) die "--preset must be tiny or paper, not '$P
 [[ "$JOBS" =~ ^[1-9][0-9]*$ ]] || die "--jobs must be a positive integer, not '$JOBS'"
 [[ "$SEEDS" =~ ^[0-9]+( [0-9]+)*$ ]] || die "--seeds must be non-negative integers separated by spaces, not '$SEEDS'"
 [ "$RESUME$OVERWRITE" != 11 ] || die "give --resume or --overwrite, not both"
-if [ "$RESUME$OVERWRITE" = 00 ] && [ -d "$OUT" ]; then   # a run is never overwritten unasked (the acp link: the cache)
-  held=$(find "$OUT" -mindepth 2 -maxdepth 3 \( -name last.pt -o -name log.jsonl \) | sort)
-  [ -z "$held" ] || die "'$OUT' holds runs ($(echo "$held" | wc -l) files, e.g. $(echo "$held" | head -1)):" \
-    "--resume continues them, --overwrite starts them again"
-fi
 USER_DATA=""
 if [ -n "$ANNO$VIDEOS$STORE" ]; then
   USER_DATA=1
@@ -70,8 +65,16 @@ if [ -n "$ANNO$VIDEOS$STORE" ]; then
 else
   SYNTH=data/synth$([ "$SEED" = 0 ] || echo "-seed$SEED")             # --seed S draws the videos too
   ANNO=$SYNTH/anno.json VIDEOS=$SYNTH/videos
-  [ -f "$ANNO" ] || python data.py synth "$SYNTH" --seed "$SEED"        # synthetic dataset, once
 fi
+# A run is never overwritten unasked; --overwrite clears every stage's run first, so that a later --resume
+# never continues a stage left from before (find does not follow the acp link into the pre-training cache).
+held=$([ ! -d "$OUT" ] || find "$OUT" -mindepth 2 -maxdepth 3 \( -name last.pt -o -name log.jsonl \) | sort)
+if [ -n "$held" ] && [ "$RESUME$OVERWRITE" = 00 ]; then
+  die "'$OUT' holds runs ($(echo "$held" | wc -l) files, e.g. $(echo "$held" | head -1)):" \
+    "--resume continues them, --overwrite starts them again"
+fi
+[ "$OVERWRITE" = 0 ] || [ -z "$held" ] || echo "$held" | xargs -d '\n' rm -f
+[ -n "$USER_DATA" ] || [ -f "$ANNO" ] || python data.py synth "$SYNTH" --seed "$SEED"   # synthetic dataset, once
 mkdir -p "$OUT"
 OUT=$(realpath "$OUT")
 : > "$OUT/times.txt"
@@ -79,8 +82,8 @@ OUT=$(realpath "$OUT")
 run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the first failure
   local name=$1 t0=$SECONDS a prev="" out="" again=(); shift
   for a in "$@"; do [ "$prev" != --out ] || out=$a; prev=$a; done
-  [ "$OVERWRITE" = 0 ] || again=(--overwrite)
   [ "$RESUME" = 0 ] || [ ! -f "$out/last.pt" ] || again=(--resume)   # a stage not begun starts
+  [ "$RESUME" = 0 ] || [ -f "$out/last.pt" ] || [ ! -f "$out/log.jsonl" ] || again=(--overwrite)   # (no checkpoint)
   echo "== stage $name"
   if [ "$NPROC" -gt 1 ]; then cmd=(torchrun --standalone --nproc_per_node="$NPROC" lofi.py); else cmd=(python lofi.py); fi
   # bf16 runs the tiny preset 1.4-2.5x faster on CPUs with AVX512-BF16 (README)
@@ -94,8 +97,9 @@ pretrain() {  # (1) ACP on a synthetic Kinetics (no target class in it), once a 
   PRE=data/pretrained/acp_kinetics${KINETICS_CLIPS}-seed0_${PRESET}_e${KINETICS_EPOCHS}
   [ -f data/kinetics/anno.json ] || python data.py synth data/kinetics --shape kinetics --videos "$KINETICS_CLIPS"
   if [ ! -f "$PRE/done" ]; then
-    RESUME=0 OVERWRITE=0 SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp --out "$PRE" \
-      --init none --epochs "$KINETICS_EPOCHS" $([ -f "$PRE/last.pt" ] && echo --resume) && touch "$PRE/done"
+    RESUME=0 SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp --out "$PRE" \
+      --init none --epochs "$KINETICS_EPOCHS" $([ -f "$PRE/last.pt" ] && echo --resume || echo --overwrite) \
+      && touch "$PRE/done"
   fi
 }
 

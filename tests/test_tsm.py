@@ -314,5 +314,5 @@ def test_shift_learns_motion_that_tsn_cannot(tmp_path):
         net.eval()
         with torch.no_grad():
             accuracy[shift_div] = (net(x_val).argmax(1) == y_val).float().mean().item()
-    assert accuracy[0] == 0.5, accuracy             # TSN cannot tell a clip from its reversal
+    assert abs(accuracy[0] - 0.5) <= 2 / len(y_val), accuracy   # TSN cannot tell a clip from its reversal
     assert accuracy[8] >= accuracy[0] + 0.1, accuracy
