@@ -484,7 +484,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
     encoder's file, the geometry) differs. Broken videos get no file."""
     folder, init, todo = Path(args.out) / "features", Path(args.init), [None]
     stamp = [str(init.resolve()), init.stat().st_size, init.stat().st_mtime_ns] if init.is_file() else args.init
-    key = dict(init=stamp, source=args.store or args.videos, **{k: getattr(args, k) for k in (
+    key = dict(init=stamp, source="store" if args.store else "videos", **{k: getattr(args, k) for k in (
         "depth", "bn_recal", "seed", "amp", "snippets", "frames", "stride", "size")})
     if rank == 0:
         folder.mkdir(parents=True, exist_ok=True)
