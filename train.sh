@@ -97,9 +97,9 @@ pretrain() {  # (1) ACP on a synthetic Kinetics (no target class in it), once a 
   PRE=data/pretrained/acp_kinetics${KINETICS_CLIPS}-seed0_${PRESET}_e${KINETICS_EPOCHS}
   [ -f data/kinetics/anno.json ] || python data.py synth data/kinetics --shape kinetics --videos "$KINETICS_CLIPS"
   if [ ! -f "$PRE/done" ]; then
-    RESUME=0 SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp --out "$PRE" \
-      --init none --epochs "$KINETICS_EPOCHS" $([ -f "$PRE/last.pt" ] && echo --resume || echo --overwrite) \
-      && touch "$PRE/done"
+    # RESUME=1: a cache is always continued, or started again where no checkpoint was written
+    RESUME=1 SEED=0 ANNO=data/kinetics/anno.json VIDEOS=data/kinetics/videos STORE="" run pretrain --stage acp \
+      --out "$PRE" --init none --epochs "$KINETICS_EPOCHS" && touch "$PRE/done"
   fi
 }
 
