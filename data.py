@@ -5,15 +5,16 @@
     python data.py check --anno data/synth/anno.json --videos data/synth/videos [--subset training] [--deep]
     python data.py prepare --anno A.json --videos DIR --store S --preset paper   # then lofi.py --store S
 
-A video is L snippets, each of F frames at a stride inside a window of F * stride frames (Sec. 3: 64 frames
-at stride 8), read from video files (lower fidelities resized from the full one) or from a frame store.
+A video is L snippets of F frames at a stride (Sec. 3: 8 frames at stride 8), from video files or a frame store.
 """
 import argparse
+import fcntl
 import json
 import math
 import multiprocessing
 import os
 import runpy
+import signal
 import uuid
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
@@ -43,7 +44,7 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _checked(parse, ok, what):
+def checked(parse, ok, what):
     """An argparse `type=` for lofi.py's and data.py's flags: `argument --workers: 0: must be ...`, exit 2."""
     def check(text):
         try:
@@ -55,15 +56,14 @@ def _checked(parse, ok, what):
     return check
 
 
-positive_int = _checked(int, lambda v: v > 0, "a positive integer")
-nonnegative_int = _checked(int, lambda v: v >= 0, "a non-negative integer")
-positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
-fraction = _checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
-at_least_4 = _checked(int, lambda v: v >= 4, "at least 4 (3:1 training:validation)")
-folder = _checked(str, os.path.isdir, "a folder")
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+nonnegative_int = checked(int, lambda v: v >= 0, "a non-negative integer")
+positive_float = checked(float, lambda v: math.isfinite(v) and v > 0, "a positive number")
+fraction = checked(float, lambda v: 0 <= v <= 1, "a fraction in [0, 1]")
+folder = checked(str, os.path.isdir, "a folder")
 
 
-# ----------------------------------------------------------------------------- fidelity (Sec. 3.2)
+# ---------------- fidelity (Sec. 3.2)
 @dataclass(frozen=True)
 class Fidelity:
     """A mini-batch configuration L x H x W (Eq. 1): snippets per video, frame height and width."""
@@ -98,7 +98,7 @@ def fidelity_at(configs, cycle, epoch, step, c_l=1, c_s=16):
     return configs[(epoch // c_l if cycle == "long" else step // c_s) % len(configs)]
 
 
-# ----------------------------------------------------------------------------- annotations
+# ---------------- annotations
 @dataclass
 class Video:
     id: str
@@ -153,7 +153,7 @@ def class_names(videos):
     return sorted({label for v in videos for label in v.labels})
 
 
-# ----------------------------------------------------------------------------- files and decoding
+# ---------------- files and decoding
 class VideoError(RuntimeError):
     """A video that cannot be used; the message names the file (hence the video id) and the reason."""
 
@@ -170,13 +170,13 @@ def video_files(video_dir):
 
 
 def worker_init(_):
-    """DataLoader workers decode with one OpenCV thread each: the workers are the parallelism."""
+    """DataLoader workers: one OpenCV thread each (they are the parallelism); a preemption's signal is their rank's."""
     cv2.setNumThreads(1)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
 
 
 def open_video(path):
-    """-> (cv2.VideoCapture, frame count, fps) as the container states them; one FFmpeg thread, for the same
-    reason (tests/bench/README.md: what threads cost)."""
+    """-> (cv2.VideoCapture, frame count, fps) as the container states them; one FFmpeg thread (see tests/bench)."""
     cap = cv2.VideoCapture(str(path), cv2.CAP_FFMPEG, [cv2.CAP_PROP_N_THREADS, 1])
     if not cap.isOpened():
         raise VideoError(f"{path}: OpenCV/FFmpeg cannot open it (not a video, truncated, or an unknown codec)")
@@ -287,7 +287,7 @@ def read_snippets(path, full, F=8, stride=8):
     return torch.from_numpy(frames), n / fps
 
 
-# ----------------------------------------------------------------------------- frame store
+# ---------------- frame store
 # Full-fidelity geometry of each preset (lofi.py's PRESETS take it from here): what `prepare` stores.
 GEOMETRY = {"paper": dict(snippets=100, frames=8, stride=8, size=224),
             "tiny": dict(snippets=32, frames=4, stride=2, size=64)}
@@ -330,9 +330,7 @@ class FrameStore:
                 continue
             if isinstance(r, dict) and {"id", "error"} <= r.keys():
                 self.records[r["id"]] = r
-
-    def ready(self):
-        return {vid for vid, r in self.records.items() if r["error"] is None}
+        self.ready = {vid for vid, r in self.records.items() if r["error"] is None}
 
     def matches(self, snippets, frames, stride, size):
         """-> None, or why a run of this geometry cannot read the store."""
@@ -381,6 +379,16 @@ def atomic_save(path, write):
         tmp.unlink(missing_ok=True)                  # a failed write leaves nothing behind
 
 
+def hold(path):
+    """-> `path` open to append, under an exclusive flock (gone with the file or its process), or None: it is held."""
+    f = open(path, "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+
+
 def _prepare_one(job):
     """One video into the store (in a worker process) -> its manifest record."""
     video, path, root, geometry = job
@@ -405,7 +413,8 @@ def _unordered(fn, jobs, workers):
         yield from map(fn, jobs)
         return
     # Fresh interpreters: a fork of a process whose OpenCV or torch threads hold a lock can hang in the child.
-    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=worker_init, initargs=(0,))
+    pool = ProcessPoolExecutor(workers, multiprocessing.get_context("spawn"), initializer=cv2.setNumThreads,
+                               initargs=(1,))
     try:
         for future in as_completed([pool.submit(fn, job) for job in jobs]):
             yield future.result()
@@ -423,17 +432,18 @@ def prepare(anno, video_dir, root, geometry, workers=1):
         root.mkdir(parents=True, exist_ok=True)
         (root / "manifest.jsonl").touch()
         atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
-    if (store := FrameStore(root)).config != config:
-        raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
-                       "give another folder")
-    done, files = store.ready(), video_files(video_dir)
-    todo = [videos[k] for k in sorted(videos) if k not in done]
-    jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
-    gone = [dict(RECORD, id=v.id, error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
-    if done:
+    if not (manifest := hold(root / "manifest.jsonl")):     # one `prepare` at a time: it holds the manifest
+        raise BadInput(f"--store {root}: another `prepare` is writing it (it holds {root / 'manifest.jsonl'})")
+    with manifest:
+        if (store := FrameStore(root)).config != config:
+            raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
+                           "give another folder")
+        done, files = store.ready, video_files(video_dir)
+        todo = [videos[k] for k in sorted(videos) if k not in done]
+        jobs = [(v, files[v.id], root, geometry) for v in todo if v.id in files]
+        gone = [dict(RECORD, id=v.id, error=f"missing: no file in {video_dir}") for v in todo if v.id not in files]
         print(f"{len(done)} videos already in {root}; {len(jobs)} to decode")
-    decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None, dynamic_ncols=True)
-    with open(root / "manifest.jsonl", "a") as manifest:
+        decoded = tqdm(_unordered(_prepare_one, jobs, workers), "prepare", len(jobs), disable=None)
         manifest.write("\n" * store.cut)           # a line cut by a kill stays alone (and is ignored)
         for record in chain(gone, decoded):
             manifest.write(json.dumps(record) + "\n")
@@ -447,7 +457,7 @@ def prepare(anno, video_dir, root, geometry, workers=1):
           f"{sum(r['stored'] for r in final)} frames, {sum(r['bytes'] for r in final)} bytes -> {root}")
 
 
-# ----------------------------------------------------------------------------- checks
+# ---------------- checks
 def _probe(job):
     """One video's errors and warnings from decoding its first frame (deep: all of them)."""
     k, vid, duration, path, deep = job
@@ -493,7 +503,7 @@ def check(videos, video_dir, decode=True, classes=None, deep=False, workers=1, f
     return errors, warnings
 
 
-# ----------------------------------------------------------------------------- datasets
+# ---------------- datasets
 def normalised_segments(video):
     """A video's segments as fractions of its annotated duration: float32 tensor (N, 2) in [0, 1]."""
     return torch.from_numpy(np.clip(video.segments / video.duration, 0, 1)).float()
@@ -506,7 +516,7 @@ class _Videos(torch.utils.data.Dataset):
     def __init__(self, videos, source, classes=None):
         self.videos = list(videos.values() if isinstance(videos, dict) else videos)
         self.store = source if isinstance(source, FrameStore) else None
-        files = {vid: None for vid in self.store.ready()} if self.store else video_files(source)
+        files = {vid: None for vid in self.store.ready} if self.store else video_files(source)
         errors, _ = check(self.videos, self.store.root if self.store else source, False, classes, files=files)
         if errors:
             raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
@@ -620,8 +630,7 @@ class Batches:
         if train and self.steps == 0:
             raise BadInput(f"{n} videos cannot fill one batch of {world} x {per_rank} (--batch-size is global)")
 
-    def set_epoch(self, epoch, start_step=0):
-        """start_step: skip the epoch's first steps (a run resumed from a mid-epoch checkpoint)."""
+    def set_epoch(self, epoch, start_step=0):   # start_step > 0: a run resumed inside the epoch
         self.epoch, self.start_step = epoch, start_step
 
     def config_at(self, epoch, step):
@@ -679,9 +688,9 @@ class Split:
             raise BadInput(f"{len(bad)} of {self.total} {self.subset} videos {what}, more than --max-bad "
                            f"{self.max_bad:g}: {_first(bad)}")
 
-    def flush(self, where="", collective=True):
+    def flush(self, where=""):
         parts = [self.pending]
-        if collective and self.world > 1:
+        if self.world > 1:
             parts = [None] * self.world
             dist.all_gather_object(parts, self.pending)
         new = {r["id"]: r for part in parts for r in part if r["id"] not in self.broken}
@@ -697,16 +706,12 @@ class Split:
             self.check()
 
 
-# ----------------------------------------------------------------------------- command line
+# ---------------- command line
 def main(argv=None):
     parser = Parser(prog="data.py", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json")
-    p.add_argument("out_dir")
-    p.add_argument("--shape", choices=("anet", "kinetics"), default="anet", help="anet: untrimmed videos (default); "
-                   "kinetics: trimmed clips for stage 1, no anet class")
-    p.add_argument("--videos", type=at_least_4, help="anet: 128 videos, 3:1 training:validation; kinetics: 2000, 4:1")
-    p.add_argument("--seed", type=nonnegative_int, default=0, help="the dataset is a pure function of the seed")
+    sub.add_parser("synth", help="write a synthetic dataset: OUT_DIR/videos/*.mp4 and OUT_DIR/anno.json (its flags: "
+                   "synth -h)", prefix_chars="+", add_help=False).add_argument("flags", nargs="*")   # (all: its own)
     check_p = sub.add_parser("check", help="list every problem that would break or mislabel training")
     prepare_p = sub.add_parser("prepare", help="decode every video once into a frame store that every stage can read")
     for p in (check_p, prepare_p):
@@ -714,20 +719,15 @@ def main(argv=None):
         p.add_argument("--videos", required=True, type=folder, help="folder of <id>.<ext> or v_<id>.<ext> files")
         p.add_argument("--workers", type=positive_int, default=os.cpu_count(), help="decoding processes (default: all)")
     check_p.add_argument("--subset", help="check only this subset (default: all)")
-    check_p.add_argument("--deep", action="store_true", help="decode every frame and compare the count with the "
-                         "container's (ActivityNet: ~22 h of decoding, split over --workers)")
+    check_p.add_argument("--deep", action="store_true", help="count every frame (ActivityNet: ~22 h over --workers)")
     prepare_p.add_argument("--store", required=True, help="the store folder (a rerun adds what is not yet in it)")
     prepare_p.add_argument("--preset", default="paper", choices=GEOMETRY, help="the geometry to store (default paper)")
     for key in GEOMETRY["paper"]:
         prepare_p.add_argument(f"--{key}", type=positive_int, help=f"the preset's {key}, as lofi.py --{key} sets it")
     args = parser.parse_args(argv)
     try:
-        if args.command == "synth":
-            make, count = ("synth", 128) if args.shape == "anet" else ("synth_kinetics", 2000)
-            make = runpy.run_path(str(Path(__file__).parent / "tests" / "bench" / "synthetic.py"))[make]
-            anno = make(args.out_dir, args.videos or count, args.seed)
-            print(f"{args.videos or count} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
-            return 0
+        if args.command == "synth":                  # its flags live with the generators
+            return runpy.run_path(str(Path(__file__).parent / "tests" / "bench" / "synthetic.py"))["main"](args.flags)
         if args.command == "prepare":
             geometry = {k: getattr(args, k) or v for k, v in GEOMETRY[args.preset].items()}
             prepare(args.anno, args.videos, args.store, geometry, args.workers)

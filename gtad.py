@@ -54,7 +54,7 @@ def valid_mask(L, device=None):
     return s + d <= L - 1  # (L, L)
 
 
-# ---------------------------------------------------------------------------- GCNeXt (spec §2.2)
+# ---------------- GCNeXt (spec §2.2)
 
 def knn(x, k):
     """Indices of the k nearest nodes by Euclidean distance, the node itself first."""
@@ -95,7 +95,7 @@ class GCNeXt(nn.Module):
         return F.relu(x + self.tconvs(x) + semantic)  # (B, C, L)
 
 
-# ---------------------------------------------------------------------------- SGAlign (spec §2.3)
+# ---------------- SGAlign (spec §2.3)
 
 def _window_weights(a, b, L, bins):
     """Align1D of windows [a, b] over L snippets as sparse entries (window, bin, t, weight).
@@ -180,7 +180,7 @@ def align1d(x, bins):
     return out.t().reshape(B, C, bins, L, L)  # (B, C, P, L, L)
 
 
-# ---------------------------------------------------------------------------- the model (spec §2.1)
+# ---------------- the model (spec §2.1)
 
 class GTAD(nn.Module):
     """forward(x (B, feat_dim, L)) -> dict(start (B, L), end (B, L), reg (B, L, L), cls (B, L, L)).
@@ -246,7 +246,7 @@ class GTAD(nn.Module):
         return h.permute(2, 3, 0, 1)  # (B, 2, L, L)
 
 
-# ---------------------------------------------------------------------------- targets (spec §1.4-1.5)
+# ---------------- targets (spec §1.4-1.5)
 
 def targets(segments, L):
     """Soft start/end labels (L,) and the IoU map (L, L) of GT segments (N, 2) normalised to [0, 1].
@@ -276,7 +276,7 @@ def targets(segments, L):
     return ioa(seg[:, 0]).float(), ioa(seg[:, 1]).float(), iou.float()
 
 
-# ---------------------------------------------------------------------------- loss (spec §3)
+# ---------------- loss (spec §3)
 
 def batch_targets(segments, L, device):
     """G-TAD labels for each video of a batch at this batch's temporal scale L."""
@@ -331,7 +331,7 @@ def loss(out, start, end, iou, generator=None):
     return dict(tem=tem, reg=reg_loss, cls=cls_loss, total=total)
 
 
-# ---------------------------------------------------------------------------- decoding (spec §5)
+# ---------------- decoding (spec §5)
 
 def video_memory(cfg, L, device, amp, measure):
     """(bytes per video, fixed bytes) a training step of the head holds at scale L: the marginal cost of a
@@ -448,7 +448,7 @@ def write_video_scores(path, scores, names):
                                       "class": list(names)}))
 
 
-# ----------------------------------------------------------------------------- per-video features
+# ---------------- per-video features
 def rescale(x, L):
     """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples
     the input at position (i + 0.5) T / L - 0.5, clamped to [0, T - 1] (F.interpolate's align_corners=
@@ -483,7 +483,7 @@ def read_features(folder, videos, L):
     return feats
 
 
-# ----------------------------------------------------------------------------- video-level classes (spec §5.6)
+# ---------------- video-level classes (spec §5.6)
 def pooled(feat):
     """A video's (D, L) snippet features -> (2D,): mean and max over time."""
     return torch.cat([feat.mean(1), feat.amax(1)])

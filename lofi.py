@@ -7,16 +7,14 @@ localization at low fidelity, in three stages of one program, every one trained 
   --stage plan   training memory of every fidelity, and what fits; --stage detect: one video file
 
   bash train.sh  # the whole pipeline, synthetic, CPU
-  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long  # after bash train.sh (+ --overwrite: its run)
-  python lofi.py --stage plan --preset paper --budget-gb 80  # needs no dataset
-
-Videos without a file are skipped, videos that fail to decode replaced, both with a record (README).
+  torchrun --nproc_per_node=4 lofi.py --stage lofi --cycle long --overwrite  # after bash train.sh
 """
 import argparse
 import contextlib
 import json
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -50,6 +48,7 @@ PRESETS = {
 }
 # Paper Sec. 3.3: stage 3 searches the head's learning rate in this set.
 LR_GRID = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
+PREEMPTED = 3  # exit code after SIGTERM or SIGUSR1 (SLURM, Kubernetes): saved, to --resume
 
 
 def get_args(argv=None):
@@ -94,7 +93,6 @@ def get_args(argv=None):
     add("--lr-search", action="store_true", help="head: the paper's lr search")
     add("--bn-recal", type=count, default=0, help="head: BatchNorm re-estimated on N videos")
     add("--budget-gb", type=num, help="plan: memory per device to fit batches into")
-    add("--plan-snippets", type=pos, help="plan: snippets the encoder runs")
     add("--video", help="detect: one video file")
     add("--run", help="detect: a stage-3 run folder")
     add("--resume", action="store_true", help="continue from <out>/last.pt")
@@ -159,6 +157,11 @@ def check_inputs(p, args):
     need(not args.video_scores or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: no file")
     held = [n for n in ("last.pt", "log.jsonl") if Path(args.out, n).is_file()]
     epochs = re.findall(r'"epoch": (\d+)', Path(args.out, "log.jsonl").read_text()) if "log.jsonl" in held else []
+    args.job, restart = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    ran = json.loads(Path(args.out, "args.json").read_text()).get("job") if Path(args.out, "args.json").is_file() else 0
+    if restart != "0" and held and ran == args.job:  # torchrun restarted this job, in its own folder: continue it
+        args.resume, args.overwrite = "last.pt" in held, "last.pt" not in held
+        print0(f"torchrun restart {restart}: " + ("--resume" if args.resume else "--overwrite (no last.pt yet)"))
     need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
     need(not held or args.resume or args.overwrite, f"--out {args.out}: holds a run ({', '.join(held)}, last "
          f"logged epoch {(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again")
@@ -178,7 +181,7 @@ def check_inputs(p, args):
     return inputs
 
 
-# ----------------------------------------------------------------------------- distributed
+# ---------------- distributed
 def compute_init(args):
     """One process, or one rank of a torchrun job (RANK set): returns (rank, world, device)."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -206,24 +209,26 @@ def progress(iterable, desc):
     return tqdm(iterable, desc=desc, leave=False, disable=rank_world()[0] > 0 or not sys.stderr.isatty())
 
 
-def agree(failed, reason, where=""):
-    """Stop every rank if any failed (`failed` > 0, a tensor on the device), naming each one's reason(): one
-    small all_reduce and one read, else the healthy ranks wait in their next collective (NCCL: 10 min)."""
+def agree(flags, reason, where=""):
+    """Stop every rank if any failed (flags[0] > 0, on the device), naming each one's reason(), else the healthy
+    ranks wait in their next collective (NCCL: 10 min); -> the largest signal any rank got (flags[1])."""
     if dist.is_initialized():
-        dist.all_reduce(failed)
-    if failed.item():  # the one host-device sync
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    failed, stop = flags.tolist()  # the one host-device sync
+    if failed:
         if not dist.is_initialized():
             raise SystemExit(where + reason())
         reasons = [None] * dist.get_world_size()
         dist.all_gather_object(reasons, reason())
         raise SystemExit(f"{where}stopped, a rank failed: " + "; ".join(f"rank {r}: {e}" for r, e in
                                                                        enumerate(reasons) if e))
+    return int(stop)
 
 
-def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext()):
-    """The next batch of `it` and loss_fn(batch). A failure on any rank (loading, forward, a non-finite loss)
-    stops every rank before backward, whose all_reduce a lone healthy rank would wait in. In one process an
-    error keeps its traceback."""
+def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext(), signals=()):
+    """The next batch of `it`, loss_fn(batch), and the signal any rank got (`signals` here). A failure on any rank
+    (loading, forward, a non-finite loss) stops every rank before backward's all_reduce. In one process an error
+    keeps its traceback."""
     batch, loss, terms, error, phase = None, None, {}, None, ", loading"
     try:
         batch = next(it)
@@ -235,14 +240,14 @@ def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext
             raise
         error = f"step {step}{phase}: {type(e).__name__}: {e}"
     finite = error is None and torch.isfinite(loss.detach())  # a tensor: read only on failure
-    agree(torch.ones((), device=device) if error else (~finite).float(),
-          lambda: error or (None if finite else f"step {step}: FloatingPointError: non-finite loss"), where)
-    return batch, loss, terms
+    failed = torch.ones((), device=device) if error else (~finite).float()
+    stop = agree(torch.stack([failed, failed.new_full((), max(signals, default=0))]),  # (a fill: no H2D copy)
+                 lambda: error or (None if finite else f"step {step}: FloatingPointError: non-finite loss"), where)
+    return batch, loss, terms, stop
 
 
 def ddp(net, device):
-    """DDP without buffer broadcasts (fit broadcasts rank 0's BatchNorm statistics at epoch ends): a
-    step's only collectives are the failure check and backward's."""
+    """DDP without buffer broadcasts (fit broadcasts BatchNorm statistics at epoch ends)."""
     if not dist.is_initialized():
         return net
     return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
@@ -252,25 +257,32 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
-# ----------------------------------------------------------------------------- checkpoints
+def preempted(signum, epoch, step, path):
+    print0(f"lofi.py: {signal.Signals(signum).name}: stopped at epoch {epoch}, step {step}; {path} saved: the same "
+           "command with --resume continues it", file=sys.stderr)
+    return SystemExit(PREEMPTED)
+
+
+# ---------------- checkpoints
 def load_checkpoint(path):
     if not Path(path).is_file():
         raise data.BadInput(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled code: all unusable
-        why = (str(e).strip().splitlines() or [""])[0][:160]  # (torch's text runs to pages)
+        why = (str(e).strip().splitlines() or [""])[0][:160]  # (torch's runs to pages)
         raise data.BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
 
 
-# ----------------------------------------------------------------------------- the training loop
+# ---------------- the training loop
 def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=None, extra=None, keep=(), split=None,
         on_epoch=None):
     """The one training loop (every stage, the lr search): load(sampler, epoch) -> batches, loss_fn(batch, epoch,
     step) -> (total, {term: tensor}) summed on the device, read at the epoch's end. <out>/last.pt (epoch ends,
     every --save-every steps) holds `parts` (name -> module), `extra`, optimizer, scheduler and position;
     --resume continues at its step if extra's `keep` entries match. A JSON line an epoch in <out>/log.jsonl,
-    with what on_epoch(epoch, record) adds. parts None: nothing saved, resumed or logged (trial heads)."""
+    with what on_epoch(epoch, record) adds. SIGTERM or SIGUSR1 on any rank: every rank ends its step, saves and
+    exits with PREEMPTED. parts None: nothing saved, resumed or logged (trial heads)."""
     rank, world = rank_world()
     path, extra = Path(args.out) / "last.pt", extra or {}
     start, first, partial = 0, 0, {}
@@ -303,61 +315,72 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
                 data.atomic_save(path, lambda f: torch.save(state, f))
             except (OSError, RuntimeError) as e:  # (torch.save wraps a disk's OSError)
                 raise data.BadInput(f"{path}: not written ({e.__context__ or e}); the previous one is intact") from None
-    raw = model.module if isinstance(model, DDP) else model
-    for epoch in range(start, args.epochs):
-        t0 = time.time()
-        skip = first if epoch == start else 0  # > 0: resumed inside this epoch
-        sampler.set_epoch(epoch, skip)
-        steps = min(sampler.steps, args.max_steps or sampler.steps)
-        model.train()
-        if args.freeze_bn:
-            tsm.set_bn_eval(model)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sums = {k: torch.tensor(v, device=device) for k, v in partial.items()} if skip else {}
-        it = iter(load(sampler, epoch))
-        for step in progress(range(skip, steps), f"{name} {epoch}"):
-            batch, loss, terms = forward_step(it, lambda b: loss_fn(b, epoch, step), step, device,
-                                              f"{name} epoch {epoch}: ", autocast(args, device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            for k, v in terms.items():  # on the device: no sync
-                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-            if split:
-                split.pending += batch["replaced"]
-            if parts is not None and args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps:
-                save(epoch, step + 1, sums)
-        lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
-        sched.step()
-        if world > 1:  # rank 0's BatchNorm statistics everywhere (saved, and used to evaluate)
-            for b in raw.buffers():
-                dist.broadcast(b, 0)
-        record = dict(stage=name, epoch=epoch, **{k: v.item() / steps for k, v in sums.items()}, lr=lr, steps=steps)
-        if sampler.configs:
-            record["fidelity"] = sorted({str(sampler.config_at(epoch, s)) for s in range(steps)})
-        if parts is not None:
-            save(epoch + 1)
-        if on_epoch:
-            on_epoch(epoch, record)
-        if parts is not None:
-            record.update(time=round(time.time() - t0, 2),
-                          max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
-            print0(json.dumps(record))
-            if rank == 0:
-                with open(Path(args.out) / "log.jsonl", "a") as f:
-                    f.write(json.dumps(record) + "\n")
+    raw, signals, stop = model.module if isinstance(model, DDP) else model, [], 0
+    handlers = {s: signal.signal(s, lambda n, _: signals.append(n)) for s in (signal.SIGTERM, signal.SIGUSR1)
+                if parts is not None}
+    try:
+        for epoch in range(start, args.epochs):
+            t0 = time.time()
+            skip = first if epoch == start else 0  # > 0: resumed inside this epoch
+            sampler.set_epoch(epoch, skip)
+            steps = min(sampler.steps, args.max_steps or sampler.steps)
+            model.train()
+            if args.freeze_bn:
+                tsm.set_bn_eval(model)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            sums = {k: torch.tensor(v, device=device) for k, v in partial.items()} if skip else {}
+            it = iter(load(sampler, epoch))
+            for step in progress(range(skip, steps), f"{name} {epoch}"):
+                batch, loss, terms, stop = forward_step(it, lambda b: loss_fn(b, epoch, step), step, device,
+                                                        f"{name} epoch {epoch}: ", autocast(args, device), signals)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                for k, v in terms.items():  # on the device: no sync
+                    sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+                if split:
+                    split.pending += batch["replaced"]
+                every = args.save_every and (step + 1) % args.save_every == 0
+                if parts is not None and (stop or every) and step + 1 < steps:
+                    save(epoch, step + 1, sums)
+                if stop and step + 1 < steps:
+                    raise preempted(stop, epoch, step + 1, path)
+            lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
+            sched.step()
+            if world > 1:  # rank 0's BatchNorm statistics everywhere (saved, and used to evaluate)
+                for b in raw.buffers():
+                    dist.broadcast(b, 0)
+            record = dict(stage=name, epoch=epoch, **{k: v.item() / steps for k, v in sums.items()}, lr=lr, steps=steps)
+            if sampler.configs:
+                record["fidelity"] = sorted({str(sampler.config_at(epoch, s)) for s in range(steps)})
+            if parts is not None:
+                save(epoch + 1)
+            if on_epoch:
+                on_epoch(epoch, record)
+            if parts is not None:
+                record.update(time=round(time.time() - t0, 2),
+                              max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+                print0(json.dumps(record))
+                if rank == 0:
+                    with open(Path(args.out) / "log.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if stop:
+                raise preempted(stop, epoch + 1, 0, path)
+    finally:  # (a notebook gets its handlers back)
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
     return raw
 
 
-# ----------------------------------------------------------------------------- data
+# ---------------- data
 def videos_of(args, inputs, subset):
     """data.Split of a subset: its videos that have a file (a feature file with --features), and the
     record, in <out>, of those that have none or fail to decode."""
     if args.features:
         names = {n for p in Path(args.features).glob("*.npy") for n in (p.stem, p.stem.removeprefix("v_"))}
     else:  # (the store's manifest says why a video is not there)
-        names = inputs.store.ready() if inputs.store else data.video_files(args.videos)
+        names = inputs.store.ready if inputs.store else data.video_files(args.videos)
     return data.Split(inputs.videos, subset, names, args.features or args.store or args.videos, args.out,
                       args.max_bad, args.resume)
 
@@ -375,7 +398,7 @@ def tal_dataset(args, inputs, videos):
 
 def loader(dataset, sampler, args, device):
     """The one way videos or clips are loaded, in the batches of `sampler` (a data.Batches), by --workers
-    processes started afresh each pass: a dataset's per-epoch state (clip positions) reaches them."""
+    processes started afresh each pass (so they see a dataset's per-epoch state)."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, worker_init_fn=data.worker_init,
                       collate_fn=data.collate, pin_memory=device.type == "cuda")
 
@@ -396,7 +419,7 @@ def optimizer(args, params, adam_decay, momentum):
     return torch.optim.SGD(params, lr=args.lr, momentum=momentum, weight_decay=1e-4)
 
 
-# ----------------------------------------------------------------------------- models
+# ---------------- models
 def build_encoder(args, inputs):
     try:
         encoder, said = tsm.build_encoder(args.depth, args.init, inputs.init, args.checkpoint_encoder)
@@ -406,7 +429,7 @@ def build_encoder(args, inputs):
     return encoder
 
 
-# ----------------------------------------------------------------------------- stage 1: ACP
+# ---------------- stage 1: ACP
 def stage_acp(args, inputs, rank, world, device):
     """Clip classification on the trimmed instances of --anno (Sec. 3.1: ACP on a pre-training set, ACP+ on the
     target's), with the held-out clips' accuracy an epoch."""
@@ -434,7 +457,7 @@ def stage_acp(args, inputs, rank, world, device):
             for batch in loader(val_ds, data.Batches(len(val_ds), per_rank, rank, world, train=False), args, device):
                 hit = net(batch["frames"].to(device)).argmax(1) == batch["labels"].to(device)  # (B,)
                 right += torch.stack([hit.sum(), torch.tensor(len(hit), device=device)])
-                val.pending += batch["replaced"]  # (a replacement clip counts: it is valid)
+                val.pending += batch["replaced"]
         if world > 1:
             dist.all_reduce(right)
         val.flush("in the clip accuracy")
@@ -445,7 +468,7 @@ def stage_acp(args, inputs, rank, world, device):
         extra=dict(encoder_cfg=asdict(net.encoder.cfg), classes=classes))
 
 
-# ----------------------------------------------------------------------------- stage 2: LoFi
+# ---------------- stage 2: LoFi
 def stage_lofi(args, inputs, rank, world, device):
     """Encoder + G-TAD head on the TAL loss at low fidelity: one configuration (Eq. 2-4), or C-LoFi
     cycling S -> T -> ST (Sec. 3.2); full fidelity only as --fidelity full."""
@@ -458,8 +481,7 @@ def stage_lofi(args, inputs, rank, world, device):
     if device.type == "cuda":  # NHWC for the tensor cores
         encoder.to(memory_format=torch.channels_last)
     model = ddp(net, device)
-    # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs (tiny: AdamW, whose
-    # ~150 steps move the head where SGD's barely do).
+    # Sec. 3.3: SGD, lr 0.1, momentum 0, weight decay 1e-4, lr x 0.5 every 5 epochs (tiny: AdamW).
     opt = optimizer(args, net.parameters(), adam_decay=1e-4, momentum=args.momentum)
     sampler = data.Batches(len(ds), args.batch_size // world, rank, world, args.seed, configs=configs,
                            cycle=args.cycle, c_l=args.c_l, c_s=args.c_s)
@@ -476,7 +498,7 @@ def stage_lofi(args, inputs, rank, world, device):
         extra=dict(encoder_cfg=asdict(encoder.cfg), head_cfg=asdict(net.head.cfg), schedule=schedule))
 
 
-# ----------------------------------------------------------------------------- stage 3: head
+# ---------------- stage 3: head
 @torch.no_grad()
 def extract_features(args, inputs, encoder, split, rank, world, device):
     """Full-fidelity features, one (L, D) float32 <out>/features/<id>.npy a video as extracted, ranks a
@@ -508,7 +530,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
         if world == 1:
             raise
         error = f"feature extraction: {type(e).__name__}: {e}"
-    agree(torch.tensor(float(error is not None), device=device), lambda: error)
+    agree(torch.tensor([float(error is not None), 0], device=device), lambda: error)
     split.flush("while extracting features")
     lost = [v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]
     if lost:  # broken videos (log.jsonl says why): skipped
@@ -526,7 +548,7 @@ def train_head(args, feats, videos, lr, device, extra=None):
     head = gtad.GTAD(gtad.GTADConfig(feat_dim=feats[videos[0].id].shape[0])).to(device)
     opt = torch.optim.Adam(head.parameters(), lr=lr, weight_decay=1e-4)
     x = torch.stack([feats[v.id] for v in videos])  # (N, D, L)
-    labels = gtad.batch_targets([data.normalised_segments(v) for v in videos], args.snippets, "cpu")  # start, end, iou
+    labels = gtad.batch_targets([data.normalised_segments(v) for v in videos], args.snippets, "cpu")
     model = ddp(head, device)
 
     def loss(idx, epoch, step):
@@ -603,7 +625,7 @@ def stage_head(args, inputs, rank, world, device):
         print0(f"{val.total - len(val.videos)} of {val.total} validation videos have no file or failed to decode: "
                "no detections, so the evaluation counts their instances as misses")
     out, table = Path(args.out), inputs.video_scores
-    if not table:  # its own classes, also for another encoder's head: --video-scores <out>/video_scores.json
+    if not table:  # its own classes (for another head: --video-scores <out>/video_scores.json)
         table = {v.id: gtad.video_class_scores(clf, feats[v.id]) for v in val.videos}, classes
         gtad.write_video_scores(out / "video_scores.json", *table)
 
@@ -618,17 +640,7 @@ def stage_head(args, inputs, rank, world, device):
     print0(" | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k[-4:] in ("0.50", "0.75", "0.95", "-mAP")))
 
 
-# ----------------------------------------------------------------------------- utilities
-def training_memory(args, fid, device, checkpoint, amp, snippets):
-    """(bytes per video, fixed bytes) of a training step at fid: the encoder's per snippet (measured on
-    `snippets`) times L, plus the head's at L."""
-    cfg = tsm.TSMConfig(depth=args.depth, checkpoint=checkpoint)
-    per_snippet, fixed = tsm.snippet_memory(cfg, args.frames, fid.H, fid.W, device, amp, snippets)
-    head = gtad.GTADConfig(feat_dim=2048 if args.depth == 50 else 512)  # the encoder's D
-    per_video, head_fixed = gtad.video_memory(head, fid.L, device, amp, tsm.step_memory)
-    return per_snippet * fid.L + per_video, fixed + head_fixed
-
-
+# ---------------- utilities
 def stage_plan(args):
     """Training memory per video of full, S, T and ST fidelity on this device; with --budget-gb, the batch
     that fits, with and without --checkpoint-encoder and --amp."""
@@ -636,15 +648,16 @@ def stage_plan(args):
     full, lofis = fidelity_grid(args)
     variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
         [(args.checkpoint_encoder, args.amp)]
-    snippets = args.plan_snippets or (25 if device.type == "cuda" else 4)
+    snippets = 25 if device.type == "cuda" else 4  # the encoder runs on this many and twice as many
     rows, ref = [], {}
-    print0(f"device {device}: marginal activation memory of a training step (the encoder on {snippets} and "
-           f"{2 * snippets} snippets, scaled to L; the head at L)\n"
+    print0(f"device {device}: the marginal activation memory of a training step\n"
            "| config | L x H x W | ckpt | amp | MiB / video | x full | fixed MiB | fits |\n" + "|---" * 8 + "|")
     for name, fid in progress([("full", full), *zip(("S", "T", "ST"), lofis)], "plan"):
         for ckpt, amp in variants:
-            per_video, fixed = (x / 2**20 for x in training_memory(args, fid, device, ckpt, amp, min(fid.L, snippets)))
-            r = dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=min(fid.L, snippets),
+            n = min(fid.L, snippets)
+            memory = tsm.training_memory(args.depth, args.frames, fid, device, ckpt, amp, n)
+            per_video, fixed = (x / 2**20 for x in memory)
+            r = dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=n,
                      mib_per_video=per_video, fixed_mib=fixed, ratio=per_video / ref.setdefault((ckpt, amp), per_video))
             if args.budget_gb:
                 r["fits"] = max(0, int((args.budget_gb * 1024 - fixed) // per_video))
@@ -669,7 +682,7 @@ def stage_detect(args):
     clf.load_state_dict(ck["video_classifier"])
     for k in ("snippets", "frames", "stride", "size", "amp"):  # features as stage 3 made them
         setattr(args, k, ck["args"][k])
-    frames, duration = data.read_snippets(args.video, fidelity_grid(args)[0], args.frames, args.stride)  # (L,F,3,H,W)
+    frames, duration = data.read_snippets(args.video, fidelity_grid(args)[0], args.frames, args.stride)
     with torch.no_grad(), autocast(args, device):
         feat = tsm.snippet_features(encoder, frames[None].to(device))[0].float().cpu()  # (D, L)
     dets = gtad.detections_for(head.to(device).eval(), feat, duration, gtad.video_class_scores(clf, feat),
@@ -696,8 +709,15 @@ def run(args, inputs):
     if args.stage == "detect":
         return stage_detect(args)
     rank, world, device = compute_init(args)
+    lock = None
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
+        lock = data.hold(Path(args.out) / "lock") if rank == 0 else None  # the job's: rank 0 holds it
+        verdict = [lock is not None]
+        if world > 1:
+            dist.broadcast_object_list(verdict, src=0)
+        if not verdict[0]:
+            raise data.BadInput(f"--out {args.out}: another job is running in it (it holds {args.out}/lock)")
         if rank == 0:
             (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
             if not args.resume:  # a new run, or --overwrite (features stay: a keyed cache)
@@ -705,6 +725,8 @@ def run(args, inputs):
                     (Path(args.out) / name).unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, inputs, rank, world, device)
     finally:
+        if lock:  # (in one process, a test, the next run may start)
+            lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()
 

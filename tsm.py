@@ -8,7 +8,8 @@ clip ends), and the pooled per-frame features are averaged into one D-vector per
 Parameter names are torchvision's, with the official `.net.` infix on each shifted conv1,
 so released TSM checkpoints and torchvision weights load through one mapping function.
 
-Used from lofi.py (`build_encoder`, `LoFiNet`, `encode`, `recalibrate_bn`, `step_memory`). Check a weights file by hand:
+Used from lofi.py (`build_encoder`, `LoFiNet`, `encode`, `recalibrate_bn`, `training_memory`).
+Check a weights file by hand:
     python tsm.py PATH/TO/weights.pth [--depth 18]
 Tests (CPU, seconds):
     python -m pytest -q tests/test_tsm.py
@@ -25,6 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
 from torch.utils.checkpoint import checkpoint
+
+import gtad
 
 # The ImageNet statistics that torchvision's and the official TSM weights were trained with (RGB).
 MEAN = (0.485, 0.456, 0.406)
@@ -380,6 +383,16 @@ def snippet_memory(cfg, frames, H, W, device, amp, k):
     m1, m2 = (step_memory(step(n), [*encoder.parameters()], device, amp) for n in (k, 2 * k))
     per = (m2 - m1) / k
     return per, 2 * sum(p.numel() * p.element_size() for p in encoder.parameters()) + max(0.0, m1 - per * k)
+
+
+def training_memory(depth, frames, fid, device, checkpoint, amp, snippets):
+    """(bytes per video, fixed bytes) of a LoFiNet training step at fidelity fid (a data.Fidelity): the
+    encoder's per snippet (measured on `snippets`) times L, plus the G-TAD head's at L."""
+    cfg = TSMConfig(depth=depth, checkpoint=checkpoint)
+    per_snippet, fixed = snippet_memory(cfg, frames, fid.H, fid.W, device, amp, snippets)
+    head = gtad.GTADConfig(feat_dim=2048 if depth == 50 else 512)  # the encoder's D
+    per_video, head_fixed = gtad.video_memory(head, fid.L, device, amp, step_memory)
+    return per_snippet * fid.L + per_video, fixed + head_fixed
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Check that a weights file loads into TSM.")

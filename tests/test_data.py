@@ -40,7 +40,7 @@ def cli(*args):
     return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
-# ----------------------------------------------------------------------------- snippet indices
+# ---------------- snippet indices
 def test_snippet_indices_hand_cases():
     # Long video, exactly L windows: snippet i covers frames [8i, 8i + 8), frames at 8i + 1, 3, 5, 7.
     np.testing.assert_array_equal(data.snippet_indices(256, 32, F=4, stride=2), 8 * np.arange(32)[:, None] + [1, 3, 5, 7])
@@ -75,7 +75,7 @@ def test_clip_indices():
     np.testing.assert_array_equal(data.clip_indices(10, 13, 0.9, 4, 2), [10, 10, 12, 12])
 
 
-# ----------------------------------------------------------------------------- fidelity and schedules
+# ---------------- fidelity and schedules
 def test_fidelity_sizes():
     assert data.c_lofi(PAPER) == [Fidelity(100, 112, 112), Fidelity(25, 224, 224), Fidelity(50, 158, 158)]
     assert data.c_lofi(TINY) == [Fidelity(32, 32, 32), Fidelity(8, 64, 64), Fidelity(16, 46, 46)]
@@ -96,7 +96,7 @@ def test_long_and_short_cycles():
         data.fidelity_at([S], "medium", 0, 0)
 
 
-# ----------------------------------------------------------------------------- batch sampler
+# ---------------- batch sampler
 def run_sampler(epoch, **kw):
     s = data.Batches(**kw)
     s.set_epoch(epoch)
@@ -141,7 +141,7 @@ def test_sampler_in_order_strides_ranks_without_padding():
         data.Batches(5, 3, world=2)                                   # training: not one global batch
 
 
-# ----------------------------------------------------------------------------- decoding
+# ---------------- decoding
 def write_counter_video(path, n, fourcc="mp4v", fps=10):
     """Frame k shows k in binary: 7 bit blocks (white = 1) and one red block, in the centre 64 x 64
     of a 96 x 64 frame; the 16-pixel side bands (grey) must be cropped away."""
@@ -299,7 +299,7 @@ def test_read_real_activitynet(anet_annotations):
     assert len(data.class_names(videos)) == 200
 
 
-# ----------------------------------------------------------------------------- synthetic dataset
+# ---------------- synthetic dataset
 @pytest.fixture(scope="module")
 def synth_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
@@ -371,7 +371,7 @@ def test_synth_actions_show_only_in_motion(synth_set):
     assert kinds <= {"shake", "slide"}
 
 
-# ----------------------------------------------------------------------------- datasets
+# ---------------- datasets
 def naive_frames(path, size):
     """Every frame of a video by a plain read loop, fitted to H x W -> list of BGR (H, W, 3)."""
     cap = cv2.VideoCapture(str(path))
@@ -558,7 +558,7 @@ def test_a_manifest_line_cut_by_a_kill_costs_one_video_again(synth_set, store, t
                 "--preset", "tiny", "--workers", "1")
     assert again.returncode == 0 and "; 1 to decode" in again.stdout, again.stdout + again.stderr
     assert again.stdout.splitlines()[-1].startswith("prepared 6 videos (0 failed, 0 missing)")
-    assert data.FrameStore(copy).records == data.FrameStore(root).records and cut in data.FrameStore(copy).ready()
+    assert data.FrameStore(copy).records == data.FrameStore(root).records and cut in data.FrameStore(copy).ready
 
 
 def test_tal_items_and_two_worker_loader(synth_set):

@@ -22,7 +22,7 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-# ---------------------------------------------------------------------------- independent references
+# ---------------- independent references
 
 def align_scalar(x, a, b, bins):
     """Align1D of one row x over the window [a, b], one sample at a time (spec §2.3)."""
@@ -83,7 +83,7 @@ def balanced_bce_spec(p, label):
                 for pi, bi in zip(p, b)) / len(b)
 
 
-# ---------------------------------------------------------------------------- architecture
+# ---------------- architecture
 
 def test_parameter_count_matches_official_anet():
     model = gtad.GTAD(gtad.GTADConfig(feat_dim=400))
@@ -103,7 +103,7 @@ def test_valid_mask():
     assert m.sum() == 5050 and m[99, 0] and not m[99, 1] and m[0, 99] and not m[1, 99]
 
 
-# ---------------------------------------------------------------------------- SGAlign
+# ---------------- SGAlign
 
 @pytest.mark.parametrize("bins", [1, 2, 3, 5])
 def test_align1d_matches_scalar_loop(bins):
@@ -215,7 +215,7 @@ def test_bad_input_shape():
         gtad.GTAD(gtad.GTADConfig(feat_dim=64))(torch.randn(1, 32, 10))
 
 
-# ---------------------------------------------------------------------------- targets
+# ---------------- targets
 
 def test_targets_spec_example_and_scaling():
     start, end, iou = gtad.targets(torch.tensor([[0.231, 0.5]]), 100)
@@ -242,7 +242,7 @@ def test_targets_iou_map():
             gtad.targets(torch.tensor(bad), 10)
 
 
-# ---------------------------------------------------------------------------- loss
+# ---------------- loss
 
 G = torch.tensor([[0.95, 0.8, 0.5, 0.2],  # rows d, columns s; s + d > 3 is invalid
                   [0.75, 0.4, 0.1, 0.9],
@@ -308,7 +308,7 @@ def test_loss_edge_cases_stay_finite():
     assert all(torch.isfinite(v) for v in terms.values())
 
 
-# ---------------------------------------------------------------------------- post-processing
+# ---------------- post-processing
 
 @pytest.mark.parametrize("sigma,top_k", [(0.84, 100), (0.8, 10), (0.3, 40)])
 def test_soft_nms_matches_naive_loop(sigma, top_k):

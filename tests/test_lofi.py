@@ -225,7 +225,7 @@ def test_truncated_checkpoint_is_refused_by_name(synth, tmp_path, capsys):
     assert re.search(r"notes\.txt: not a readable", refused([*argv, "--init", str(tmp_path / "notes.txt")], capsys))
 
 
-# ----------------------------------------------------------------------------- bad flags, dirty data, failures
+# ---------------- bad flags, dirty data, failures
 @pytest.mark.parametrize("extra, pattern", [
     (["--anno", "/nonexistent/anno.json"], r"--anno /nonexistent/anno.json: no such file"),
     (["--anno", "BAD_JSON"], r"anno.json: not valid JSON"),
@@ -377,7 +377,7 @@ rank = dist.get_rank()
 
 
 def batches(phase):
-    for step in range(50):
+    for step in range(50 if phase != "signal" else 4):     # (no 5th batch: the signal stops both at step 3)
         if rank == 1 and step == 3 and phase == "loading":
             raise RuntimeError("the disk of rank 1 is on fire")
         yield step, torch.randn(8, 4)
@@ -385,19 +385,23 @@ def batches(phase):
 
 def loss(batch):
     step, x = batch
-    return model(x).sum() * (float("nan") if rank == 1 and step == 3 else 1.0), {}
+    return model(x).sum() * (float("nan") if rank == 1 and step == 3 and phase == "forward" else 1.0), {}
 
 
 stops = 0
-for phase in ("loading", "forward"):                      # a training step as fit() runs it, each phase
+for phase in ("loading", "forward", "signal"):            # a training step as fit() runs it, each phase
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 1))
     model = lofi.ddp(net, torch.device("cpu"))            # as fit() wraps a model
     try:
         it = batches(phase)
-        for step in range(50):
-            _, total, _ = lofi.forward_step(it, loss, step, torch.device("cpu"))
+        for step in range(50):                            # "signal": rank 1 is sent SIGTERM (15) before step 3
+            told = [15] if phase == "signal" and rank == 1 and step >= 3 else []
+            _, total, _, stop = lofi.forward_step(it, loss, step, torch.device("cpu"), signals=told)
             total.backward()                              # DDP's all_reduce: a lone healthy rank waits here
+            if stop:
+                print(f"signal {stop} at step {step}", file=sys.stderr, flush=True)
+                break
     except SystemExit as stop:                            # every rank: the next phase, in the same group
         print(stop, file=sys.stderr, flush=True)
         stops += 1
@@ -409,7 +413,8 @@ raise SystemExit(stops)
 def test_a_failing_rank_stops_every_rank_with_its_reason(tmp_path):
     """Two gloo processes started by hand (no torchrun to end the others), a DDP model with BatchNorm:
     rank 1 fails at step 3, while loading, then (a second model) in its forward pass; both ranks stop that
-    training within seconds each time, naming rank 1's reason."""
+    training within seconds each time, naming rank 1's reason. Then rank 1 alone is told to stop (a signal):
+    both ranks learn it in the same step."""
     (tmp_path / "ranks.py").write_text(RANK_SCRIPT)
     codes, errs = run_ranks([tmp_path / "ranks.py", ROOT], tmp_path / "logs")
     for code, err in zip(codes, errs):
@@ -417,6 +422,7 @@ def test_a_failing_rank_stops_every_rank_with_its_reason(tmp_path):
         for reason in ("step 3, loading: RuntimeError: the disk of rank 1 is on fire",
                        "step 3: FloatingPointError: non-finite loss"):
             assert f"stopped, a rank failed: rank 1: {reason}" in err, err[-2000:]
+        assert "signal 15 at step 3" in err, err[-2000:]
 
 
 def same_end_state(tmp_path, stage):
@@ -586,7 +592,7 @@ def test_two_ranks_write_the_single_process_features(synth, tmp_path):
     assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
 
 
-# ----------------------------------------------------------------------------- stage 3 on precomputed features
+# ---------------- stage 3 on precomputed features
 def test_rescale_is_linear_interpolation_between_snippet_centres():
     x = torch.tensor([[0.0, 10.0, 20.0, 40.0]])                                  # (D = 1, T = 4)
     # L = 2: positions (i + 0.5) * 4 / 2 - 0.5 = 0.5, 2.5 -> halfway between inputs 0-1 and 2-3.

@@ -282,7 +282,7 @@ def test_bad_input_shape_is_rejected():
         TSM(TSMConfig(depth=101))
 
 
-# ----------------------------------------------------------------------------- the shift, end to end
+# ---------------- the shift, end to end
 def test_shift_learns_motion_that_tsn_cannot(tmp_path):
     """Rising against falling clips of the synthetic Kinetics (each clip its own look), every clip also
     played backwards with the other label: the classes differ only in the order of the frames. TSN (the

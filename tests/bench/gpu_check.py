@@ -15,7 +15,7 @@ Paper geometry: L = 100 snippets of 8 frames (stride 8) at 224^2, TSM-R18 + G-TA
   s/video     b) a stage-2 training step (LoFiNet: encoder + G-TAD forward, backward, SGD step) on random
               frames, per video; fp32 in NCHW, and bf16 autocast + channels_last. bf16/fp32: the ratio
               of the two step times (< 1: bf16 is faster).
-  MiB/video   c) lofi.training_memory: the marginal memory of one more video in a step (as `lofi.py --stage
+  MiB/video   c) tsm.training_memory: the marginal memory of one more video in a step (as `lofi.py --stage
               plan`); step peak: max_memory_allocated over the timed steps, less what was allocated before
               them, over the batch (CUDA only, else None).
   GFLOP       d) FlopCounterMode over one training step, per video (convolutions and matmuls, forward and
@@ -53,7 +53,7 @@ import data, gtad, lofi, tsm  # noqa: E402,E401
 import synthetic  # noqa: E402  (beside this file)
 
 STAGE_TIMEOUT = 90                   # seconds a torchrun stage may take; past it the stage fails with rc 124
-# mem_bf16: lofi.training_memory under bf16 too (--tiny: fp32 only, to stay inside the test's seconds).
+# mem_bf16: tsm.training_memory under bf16 too (--tiny: fp32 only, to stay inside the test's seconds).
 SIZES = {"paper": dict(snippets=100, frames=8, stride=8, size=224, videos=8, batch=2, warmup=2, steps=3,
                        mem_snippets=25, mem_bf16=True),
          "tiny": dict(snippets=12, frames=2, stride=2, size=32, videos=4, batch=1, warmup=0, steps=1,
@@ -184,7 +184,6 @@ def flop_checks(g, rows, nets, device):
 def fidelities(g, nets, device):
     """b-d) Per fidelity: step time, memory and FLOPs per video, fp32 and bf16."""
     full = data.Fidelity(g["snippets"], g["size"], g["size"])
-    mem_args = argparse.Namespace(depth=18, frames=g["frames"])
     rows = {}
     for name, fid in (("full", full), ("S", data.s_lofi(full)), ("T", data.t_lofi(full)), ("ST", data.st_lofi(full))):
         row = dict(fidelity=str(fid))
@@ -197,7 +196,8 @@ def fidelities(g, nets, device):
             t = seconds(step, g["warmup"], g["steps"], device) / g["batch"]
             peak = None if device.type != "cuda" else \
                 (torch.cuda.max_memory_allocated(device) - base) / g["batch"] / 2**20
-            mib = lofi.training_memory(mem_args, fid, device, False, amp, min(fid.L, g["mem_snippets"]))[0] / 2**20 \
+            n = min(fid.L, g["mem_snippets"])
+            mib = tsm.training_memory(18, g["frames"], fid, device, False, amp, n)[0] / 2**20 \
                 if g["mem_bf16"] or not amp else None
             row[prec] = dict(s_per_video=t, mib_per_video=mib, step_peak_mib_per_video=peak)
             if not amp:

@@ -13,6 +13,8 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+import data
+
 SYNTH_CLASSES = ("circular", "horizontal", "vertical")
 KINETICS_CLASSES = ("sideways", "rise", "fall", "slant", "spin", "rock", "grow", "shrink", "figure8")
 
@@ -152,3 +154,19 @@ def synth_kinetics(out_dir, clips=2000, seed=0, fps=10, size=(64, 80)):
         database[f"clip_{k:05d}"] = dict(subset="validation" if k % 5 == 4 else "training", duration=n / fps,
                                          annotations=[dict(segment=[0, n / fps], label=KINETICS_CLASSES[cls])])
     return _write_anno(out_dir, database)
+
+
+def main(argv=None):
+    """`python data.py synth OUT_DIR [--shape anet|kinetics] [--videos N] [--seed S]`."""
+    p = data.Parser(prog="data.py synth", description="a synthetic dataset: OUT_DIR/videos/*.mp4, OUT_DIR/anno.json")
+    p.add_argument("out_dir")
+    p.add_argument("--shape", choices=("anet", "kinetics"), default="anet", help="anet: untrimmed videos (default); "
+                   "kinetics: trimmed clips for stage 1, no anet class")
+    p.add_argument("--videos", type=data.checked(int, lambda v: v >= 4, "at least 4 (3:1 training:validation)"),
+                   help="anet: 128 videos, 3:1 training:validation; kinetics: 2000, 4:1")
+    p.add_argument("--seed", type=data.nonnegative_int, default=0, help="the dataset is a pure function of the seed")
+    args = p.parse_args(argv)
+    make, count = (synth, 128) if args.shape == "anet" else (synth_kinetics, 2000)
+    anno = make(args.out_dir, args.videos or count, args.seed)
+    print(f"{args.videos or count} videos -> {Path(args.out_dir) / 'videos'}, annotations -> {anno}")
+    return 0
