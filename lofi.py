@@ -189,7 +189,9 @@ def compute_init(args):
     if "RANK" in os.environ:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        store = next(dist.rendezvous("env://"))[0]  # torchrun's agent keeps it over restarts: a fresh prefix each
+        store = dist.PrefixStore(f"attempt{os.environ.get('TORCHELASTIC_RESTART_COUNT', 0)}", store)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=store, rank=rank, world_size=world)
     torch.manual_seed(args.seed + rank)
     np.random.seed(args.seed + rank)
     return rank, world, device

@@ -73,6 +73,9 @@ if [ -n "$held" ] && [ "$RESUME$OVERWRITE" = 00 ]; then
   die "'$OUT' holds runs ($(echo "$held" | wc -l) files, e.g. $(echo "$held" | head -1)):" \
     "--resume continues them, --overwrite starts them again"
 fi
+mkdir -p "$OUT" && exec 9>>"$OUT/lock"   # one train.sh a folder: fd 9's flock lasts as long as this shell
+python -c 'import fcntl; fcntl.flock(9, fcntl.LOCK_EX | fcntl.LOCK_NB)' 2>/dev/null \
+  || die "'$OUT': another train.sh is running in it (it holds $OUT/lock)"
 [ "$OVERWRITE" = 0 ] || [ -z "$held" ] || echo "$held" | xargs -d '\n' rm -f
 [ -n "$USER_DATA" ] || [ -f "$ANNO" ] || python data.py synth "$SYNTH" --seed "$SEED"   # synthetic dataset, once
 mkdir -p "$OUT"

@@ -5,6 +5,7 @@ import os
 import re
 import runpy
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -77,6 +78,13 @@ def start_ranks(script_and_args, logs, n=2):
     for p in procs:
         p.start()
     return procs
+
+
+def start_plain(script_and_args, log):
+    """One process of a script, forked as start_ranks forks, with no rank environment: a plain `python`."""
+    proc = multiprocessing.get_context("fork").Process(target=as_rank, args=(script_and_args, {}, log), daemon=True)
+    proc.start()
+    return proc
 
 
 def run_ranks(script_and_args, logs, n=2):
@@ -342,6 +350,52 @@ def test_prepare_records_dirty_videos_and_stages_skip_them_by_name(dirty, tmp_pa
     assert "nowhere: not a frame store" in refused([*argv, "--stage", "lofi"], capsys)
 
 
+PREPARE_WAITS = """
+import sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import data
+flag, real_chain = Path(sys.argv[2]), data.chain
+
+
+def chain(*records):                      # prepare holds the store here, before it writes its first video
+    flag.touch()
+    while not flag.with_suffix(".go").exists():
+        time.sleep(0.005)
+    return real_chain(*records)
+
+
+data.chain = chain
+raise SystemExit(data.main(sys.argv[3:]))
+"""
+
+
+def test_one_prepare_at_a_time_on_a_store(synth, tmp_path, capsys):
+    """While a `prepare` writes a store, a second one on it is refused within seconds (one line, exit 2) and
+    the first completes; the store is then whole, and a rerun has nothing left to decode."""
+    argv = ["prepare", *synth, "--store", str(tmp_path / "store"), "--preset", "tiny", "--snippets", "12",
+            "--frames", "2", "--stride", "2", "--size", "32", "--workers", "1"]
+    (tmp_path / "waits.py").write_text(PREPARE_WAITS)
+    first = start_plain([tmp_path / "waits.py", ROOT, tmp_path / "flag", *argv], tmp_path / "first.log")
+    deadline = time.time() + 60
+    while not (tmp_path / "flag").exists():
+        assert time.time() < deadline and first.is_alive(), (tmp_path / "first.log").read_text()[-2000:]
+        time.sleep(0.005)
+    t0 = time.time()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as second:
+        data.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert second.value.code == 2 and time.time() - t0 < 30 and len(err) == 1, err
+    assert err[0] == (f"data.py: error: --store {tmp_path / 'store'}: another `prepare` is writing it (it holds "
+                      f"{tmp_path / 'store' / 'manifest.jsonl'})")
+    (tmp_path / "flag.go").touch()
+    first.join(60)
+    assert first.exitcode == 0, (tmp_path / "first.log").read_text()[-2000:]
+    assert "prepared 8 videos (0 failed, 0 missing)" in (tmp_path / "first.log").read_text()
+    assert data.main(argv) == 0 and "8 videos already in" in capsys.readouterr().out
+
+
 def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys):
     root, bad = dirty
     argv = [*SMALL, "--anno", str(root / "anno.json"), "--videos", str(root / "videos")]
@@ -425,25 +479,83 @@ def test_a_failing_rank_stops_every_rank_with_its_reason(tmp_path):
         assert "signal 15 at step 3" in err, err[-2000:]
 
 
-def same_end_state(tmp_path, stage):
-    """<tmp>/straight and <tmp>/killed end alike: weights, optimizer state and logged losses."""
-    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", "killed"))
+def same_end_state(tmp_path, stage, other="killed"):
+    """<tmp>/straight and <tmp>/<other> end alike: weights, optimizer state and logged losses."""
+    a, b = (torch.load(tmp_path / d / "last.pt", weights_only=True) for d in ("straight", other))
     assert a["epoch"] == b["epoch"] == 2
     for part in ("encoder", "head" if stage == "lofi" else "classifier", "optimizer"):
         flat_a, flat_b = (torch.utils._pytree.tree_leaves(x[part]) for x in (a, b))
         assert len(flat_a) == len(flat_b) > 0
         assert all(torch.equal(u, v) if torch.is_tensor(u) else u == v for u, v in zip(flat_a, flat_b)), part
     logs = [[{k: v for k, v in json.loads(line).items() if k != "time"} for line in open(tmp_path / d / "log.jsonl")]
-            for d in ("straight", "killed")]
+            for d in ("straight", other)]
     assert logs[0] == logs[1] and len(logs[0]) == 2                  # the resumed epoch's mean includes its first steps
+
+
+AT_STEP = """
+import os, signal, sys, time
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+import data, lofi
+rank, where, at, act, flag = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], Path(sys.argv[6])
+real_step, real_save, told = lofi.forward_step, data.atomic_save, []
+
+
+def forward_step(it, loss_fn, step, device, here, *rest):     # as fit() calls it (rest[-1]: the signals it got)
+    if os.environ.get("RANK", "0") == rank and where in here and step == at and not told:
+        told.append(act)
+        if act == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)                 # a lost rank, the first time
+        if act == "wait":                                          # for the test's signal (or its go-ahead)
+            flag.touch()
+            while not rest[-1] and not flag.with_suffix(".go").exists():
+                time.sleep(0.005)
+    return real_step(it, loss_fn, step, device, here, *rest)
+
+
+def atomic_save(path, write):                                      # a second signal while last.pt is written
+    def with_a_signal(f):
+        write(f)
+        os.kill(os.getpid(), signal.SIGUSR1)
+        time.sleep(0.05)
+    real_save(path, with_a_signal if told == ["wait"] and path.name == "last.pt" else write)
+
+
+lofi.forward_step, data.atomic_save = forward_step, atomic_save
+lofi.main(sys.argv[7:])
+"""
+
+
+def at_step(tmp_path, rank, where, step, act="wait"):
+    """The AT_STEP script's first arguments: rank `rank` of a lofi.py run, at `step` of the epoch `where` names,
+    waits for a signal (touching <tmp>/at_step, go on: <tmp>/at_step.go), or SIGKILLs itself."""
+    (tmp_path / "at_step.py").write_text(AT_STEP)
+    return [tmp_path / "at_step.py", ROOT, rank, where, step, act, tmp_path / "at_step"]
+
+
+def waiting(tmp_path, procs, timeout=120):
+    """Until the AT_STEP run waits at its step."""
+    deadline = time.time() + timeout
+    while not (tmp_path / "at_step").exists():
+        assert time.time() < deadline and all(p.is_alive() for p in procs), "the run died before its step"
+        time.sleep(0.005)
+
+
+def stop_by_signal(procs, pid, tmp_path):
+    """SIGTERM to `pid` (a waiting AT_STEP run's process): every process exits with lofi.PREEMPTED within 30 s."""
+    t0 = time.time()
+    os.kill(pid, signal.SIGTERM)
+    for p in procs:
+        p.join(30)
+    assert [p.exitcode for p in procs] == [lofi.PREEMPTED] * len(procs) and time.time() - t0 < 30
 
 
 # One loop trains every stage: stage 1 in one process and stage 2 under torchrun cover its resume.
 def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
     """Stage 2 in 2 rank processes, --save-every 1; SIGKILL both once a mid-epoch checkpoint exists; --resume
     must end with the weights, optimizer state and logged losses of an uninterrupted run."""
-    argv = [ROOT / "lofi.py", "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--save-every", "1",
-            "--max-steps", "2"]
+    base = [ROOT / "lofi.py", "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--max-steps", "2"]
+    argv = [*base, "--save-every", "1"]
     codes, errs = run_ranks([*argv, "--out", tmp_path / "straight"], tmp_path / "logs0")
     assert codes == [0, 0], errs[0][-3000:]
     assert "\r" not in errs[0]                                            # no progress bars into a pipe
@@ -460,6 +572,33 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
     codes, outs = run_ranks([*argv, "--out", tmp_path / "killed", "--resume"], tmp_path / "logs2")
     assert codes == [0, 0] and f"step {at['step']}" in outs[0], outs[0][-3000:]
     same_end_state(tmp_path, "lofi")
+
+
+def test_sigterm_to_one_rank_and_a_torchrun_restart_continue_the_run(synth, tmp_path):
+    """Stage 2 in 2 rank processes. SIGTERM to rank 1 alone, mid-epoch, no --save-every: both ranks save that
+    step and exit with PREEMPTED within 30 s, and --resume ends as an undisturbed run. Then torchrun
+    --max-restarts 1 with rank 1 SIGKILLed at a random mid-epoch step: the same command line, no flag changed,
+    continues the job from its --save-every checkpoint to the same end."""
+    argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--max-steps", "2"]
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--out", tmp_path / "straight"], tmp_path / "logs0")
+    assert codes == [0, 0], errs[0][-3000:]
+    procs = start_ranks([*at_step(tmp_path, "1", "epoch 1:", 0), *argv, "--out", tmp_path / "termed"],
+                        tmp_path / "logs1")
+    waiting(tmp_path, procs)
+    stop_by_signal(procs, procs[1].pid, tmp_path)
+    at = torch.load(tmp_path / "termed" / "last.pt", weights_only=True)
+    assert (at["epoch"], at["step"]) == (1, 1)
+    assert "SIGTERM: stopped at epoch 1, step 1" in (tmp_path / "logs1" / "rank0.log").read_text()
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--out", tmp_path / "termed", "--resume"], tmp_path / "logs2")
+    assert codes == [0, 0], errs[0][-3000:]
+    same_end_state(tmp_path, "lofi", "termed")
+    epoch = int(np.random.default_rng().integers(2))                      # step 1: the mid-epoch one of 2
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "--max-restarts=1", *map(str, at_step(tmp_path, "1", f"epoch {epoch}:", 1, "kill")), *argv,
+                          "--save-every", "1", "--out", str(tmp_path / "restarted")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0 and "torchrun restart 1: --resume" in run.stdout, (epoch, run.stderr[-3000:])
+    same_end_state(tmp_path, "lofi", "restarted")
 
 
 def test_a_run_is_never_overwritten_unasked(synth, tmp_path, capsys):
@@ -479,6 +618,18 @@ def test_a_run_is_never_overwritten_unasked(synth, tmp_path, capsys):
     assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0]
     lofi.main([*argv, "--epochs", "2", "--resume"])
     assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1]
+    # Two jobs at once: while one runs (it waits at a step), a second is refused, --overwrite and --resume
+    # alike, in this process and as 2 ranks (rank 0 asks for the lock, both follow); the first completes.
+    job = start_plain([*at_step(tmp_path, "0", "epoch 2:", 0), *argv, "--epochs", "3", "--resume"], tmp_path / "a.log")
+    waiting(tmp_path, [job])
+    t0 = time.time()
+    line = refused([*argv, "--epochs", "1", "--overwrite"], capsys)
+    assert line == f"lofi.py: error: --out {out}: another job is running in it (it holds {out / 'lock'})"
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--epochs", "3", "--resume"], tmp_path / "logs2")
+    assert codes == [2, 2] and all(line in e for e in errs) and time.time() - t0 < 30, errs
+    (tmp_path / "at_step.go").touch()
+    job.join(60)
+    assert job.exitcode == 0 and [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1, 2]
 
 
 FILE_LIMIT = """
@@ -515,7 +666,7 @@ def test_stage_1_stopped_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, 
     """Stage 1 in this process (the SIGKILL of a real process is the test above), --save-every 1: the run stops
     dead right after its first mid-epoch checkpoint is on disk; --resume must end with the weights, optimizer
     state and logged losses of an uninterrupted run."""
-    argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--save-every", "1", "--max-steps", "3"]
+    argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--max-steps", "3"]
     lofi.main([*argv, "--out", str(tmp_path / "straight")])
     assert "\r" not in capsys.readouterr().err                            # no progress bars off a terminal
     ckpt, real = tmp_path / "killed" / "last.pt", data.atomic_save
@@ -526,7 +677,7 @@ def test_stage_1_stopped_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, 
             raise Killed
     monkeypatch.setattr(data, "atomic_save", dies_after_a_mid_epoch_save)
     with pytest.raises(Killed):
-        lofi.main([*argv, "--out", str(tmp_path / "killed")])
+        lofi.main([*argv, "--out", str(tmp_path / "killed"), "--save-every", "1"])
     monkeypatch.setattr(data, "atomic_save", real)
     at = torch.load(ckpt, weights_only=True)
     assert at["epoch"] == 0 and at["step"] >= 1, (at["epoch"], at["step"])      # stopped inside epoch 0
@@ -535,6 +686,28 @@ def test_stage_1_stopped_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, 
     said = capsys.readouterr()
     assert f"step {at['step']}" in said.out, said.err[-3000:]
     same_end_state(tmp_path, "acp")
+
+
+def test_sigterm_saves_the_step_and_resumes_to_the_same_weights(synth, tmp_path):
+    """Stage 1 in a plain process, no --save-every: SIGTERM from outside mid-epoch (and a SIGUSR1 while it
+    saves) -> exit PREEMPTED within 30 s, a checkpoint at the step it reached, a line saying how to go on;
+    --resume ends with the weights, optimizer state and logged losses of an uninterrupted run."""
+    argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--max-steps", "3"]
+    straight = start_plain([ROOT / "lofi.py", *argv, "--out", tmp_path / "straight"], tmp_path / "straight.log")
+    straight.join()                                                         # (one thread, as the runs below)
+    out = tmp_path / "termed"
+    job = start_plain([*at_step(tmp_path, "0", "epoch 1:", 1), *argv, "--out", out], tmp_path / "termed.log")
+    waiting(tmp_path, [job])
+    stop_by_signal([job], job.pid, tmp_path)
+    said = (tmp_path / "termed.log").read_text()
+    assert f"lofi.py: SIGTERM: stopped at epoch 1, step 2; {out / 'last.pt'} saved: the same command with --resume " \
+        "continues it" in said, said[-3000:]
+    at = torch.load(out / "last.pt", weights_only=True)
+    assert (at["epoch"], at["step"]) == (1, 2) and not list(out.glob("*.tmp"))
+    again = start_plain([ROOT / "lofi.py", *argv, "--out", out, "--resume"], tmp_path / "resumed.log")
+    again.join()
+    assert straight.exitcode == again.exitcode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+    same_end_state(tmp_path, "acp", "termed")
 
 
 def test_the_design_card_command_finds_train_sh_outputs(tmp_path, monkeypatch):

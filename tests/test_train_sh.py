@@ -1,4 +1,5 @@
 """train.sh: its arguments are checked before any stage runs."""
+import fcntl
 import subprocess
 
 from conftest import ROOT
@@ -49,3 +50,20 @@ def test_runs_in_out_are_never_overwritten_unasked(tmp_path):
     assert held.read_bytes() == b"a run" and sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["baseline"]
     r = train_sh("--out", str(tmp_path / "runs"), "--resume", "--overwrite")
     assert r.returncode == 2 and "not both" in r.stderr
+
+
+def test_one_train_sh_at_a_time_in_a_folder(tmp_path):
+    """A second train.sh into a folder another holds (here: this test holds its lock) is refused before it
+    deletes anything, even with --overwrite; the lock dies with its holder."""
+    held = tmp_path / "runs" / "baseline" / "last.pt"
+    held.parent.mkdir(parents=True)
+    held.write_bytes(b"a run")
+    with open(tmp_path / "runs" / "lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = train_sh("--out", str(tmp_path / "runs"), "--overwrite")
+    assert r.returncode == 2 and f"'{tmp_path / 'runs'}': another train.sh is running in it" in r.stderr, r.stderr
+    assert held.read_bytes() == b"a run"
+    (tmp_path / "bad.json").write_text("{}")                         # free again: it gets as far as stage 1
+    r = train_sh("--out", str(tmp_path / "runs"), "--overwrite", "--anno", str(tmp_path / "bad.json"), "--videos",
+                 str(tmp_path))
+    assert r.returncode == 1 and "stage 'acp' failed" in r.stderr and not held.exists(), r.stderr
