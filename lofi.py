@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
@@ -37,18 +36,18 @@ import tsm
 # Defaults per preset; a flag always wins. Stage-2 epochs are not in the paper (15: three lr halvings);
 # stage 3 follows G-TAD. Tiny: stage 1 from scratch needs Adam (SGD: chance after 400 steps; tests/bench).
 PRESETS = {
-    "paper": dict(**data.GEOMETRY["paper"], batch_size=16, workers="cores", amp=False,
+    "paper": dict(**data.GEOMETRY["paper"], batch_size=16, workers="cores",
                   acp_epochs=10, acp_lr=0.01, acp_optim="sgd", acp_batch_size=16, acp_workers="cores",
-                  lofi_epochs=15, lofi_lr=0.1, lofi_optim="sgd", lofi_step=5, lofi_momentum=0.0,
+                  lofi_epochs=15, lofi_lr=0.1, lofi_optim="sgd", lofi_step=5,
                   head_epochs=10, head_lr=1e-3, head_step=5),
-    "tiny": dict(**data.GEOMETRY["tiny"], batch_size=4, workers=2, amp=False,
+    "tiny": dict(**data.GEOMETRY["tiny"], batch_size=4, workers=2,
                  acp_epochs=60, acp_lr=1e-3, acp_optim="adam", acp_batch_size=16, acp_workers=0,
-                 lofi_epochs=6, lofi_lr=1e-3, lofi_optim="adam", lofi_step=5, lofi_momentum=0.0,
+                 lofi_epochs=6, lofi_lr=1e-3, lofi_optim="adam", lofi_step=5,
                  head_epochs=20, head_lr=2e-3, head_step=15),
 }
 # Paper Sec. 3.3: stage 3 searches the head's learning rate in this set.
 LR_GRID = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
-PREEMPTED = 3  # exit code after SIGTERM or SIGUSR1 (SLURM, Kubernetes): saved, to --resume
+PREEMPTED = 3  # the exit code after SIGTERM or SIGUSR1: saved, to --resume
 
 
 def get_args(argv=None):
@@ -81,9 +80,9 @@ def get_args(argv=None):
     add("--epochs", type=pos, help="default: the preset's value for the stage")
     add("--batch-size", type=pos, help="global batch, split over ranks")
     add("--lr", type=num, help="default: the preset's value for the stage")
-    add("--momentum", type=float, help="stage 2 SGD momentum in [0, 1) (paper: 0)")
+    add("--momentum", type=float, default=0.0, help="stage 2 SGD momentum in [0, 1) (paper: 0)")
     add("--workers", type=count, help="DataLoader workers per rank (paper: its cores)")
-    add("--amp", action=argparse.BooleanOptionalAction, help="bf16 autocast")
+    add("--amp", action="store_true", help="bf16 autocast")
     add("--checkpoint-encoder", action="store_true", help="recompute encoder activations in backward")
     add("--freeze-bn", action="store_true", help="BatchNorm in eval mode (small batches per GPU)")
     # stage 3 and detect
@@ -107,7 +106,7 @@ def get_args(argv=None):
     preset = PRESETS[args.preset]
     args.out = args.out or "runs/" + ("lofi_head" if args.stage == "head" else args.stage)
     stage = args.stage if args.stage in ("acp", "lofi", "head") else "lofi"
-    for key in ("snippets", "frames", "stride", "size", "batch_size", "workers", "amp"):
+    for key in ("snippets", "frames", "stride", "size", "batch_size", "workers"):
         if getattr(args, key) is None:
             setattr(args, key, preset.get(f"acp_{key}", preset[key]) if stage == "acp" else preset[key])
     if args.workers == "cores":
@@ -116,7 +115,6 @@ def get_args(argv=None):
     args.lr = args.lr or preset[f"{stage}_lr"]
     args.optim = preset.get(f"{stage}_optim", "adam")
     args.lr_step = preset.get(f"{stage}_step")  # acp: a cosine schedule instead
-    args.momentum = preset["lofi_momentum"] if args.momentum is None else args.momentum
     return args, check_inputs(p, args)
 
 
@@ -159,7 +157,7 @@ def check_inputs(p, args):
     epochs = re.findall(r'"epoch": (\d+)', Path(args.out, "log.jsonl").read_text()) if "log.jsonl" in held else []
     args.job, restart = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     ran = json.loads(Path(args.out, "args.json").read_text()).get("job") if Path(args.out, "args.json").is_file() else 0
-    if restart != "0" and held and ran == args.job:  # torchrun restarted this job, in its own folder: continue it
+    if restart != "0" and held and ran == args.job:  # torchrun restarted this job: continue it
         args.resume, args.overwrite = "last.pt" in held, "last.pt" not in held
         print0(f"torchrun restart {restart}: " + ("--resume" if args.resume else "--overwrite (no last.pt yet)"))
     need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
@@ -207,7 +205,7 @@ def print0(*a, **k):
 
 
 def progress(iterable, desc):
-    """A tqdm bar on rank 0's terminal; none in a log file (the epoch's line says it)."""
+    """A tqdm bar on rank 0's terminal, none in a log file."""
     return tqdm(iterable, desc=desc, leave=False, disable=rank_world()[0] > 0 or not sys.stderr.isatty())
 
 
@@ -267,12 +265,10 @@ def preempted(signum, epoch, step, path):
 
 # ---------------- checkpoints
 def load_checkpoint(path):
-    if not Path(path).is_file():
-        raise data.BadInput(f"checkpoint {path} not found")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, not a torch file, or pickled code: all unusable
-        why = (str(e).strip().splitlines() or [""])[0][:160]  # (torch's runs to pages)
+        why = (str(e).strip().splitlines() or [""])[0][:160]
         raise data.BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
 
 
@@ -350,7 +346,7 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
                     raise preempted(stop, epoch, step + 1, path)
             lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
             sched.step()
-            if world > 1:  # rank 0's BatchNorm statistics everywhere (saved, and used to evaluate)
+            if world > 1:  # rank 0's BatchNorm statistics everywhere
                 for b in raw.buffers():
                     dist.broadcast(b, 0)
             record = dict(stage=name, epoch=epoch, **{k: v.item() / steps for k, v in sums.items()}, lr=lr, steps=steps)
@@ -377,11 +373,11 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
 
 # ---------------- data
 def videos_of(args, inputs, subset):
-    """data.Split of a subset: its videos that have a file (a feature file with --features), and the
-    record, in <out>, of those that have none or fail to decode."""
+    """data.Split of a subset: the videos with a file (with --features: a feature file); a record in <out> of
+    the others, and of those that fail to decode."""
     if args.features:
         names = {n for p in Path(args.features).glob("*.npy") for n in (p.stem, p.stem.removeprefix("v_"))}
-    else:  # (the store's manifest says why a video is not there)
+    else:
         names = inputs.store.ready if inputs.store else data.video_files(args.videos)
     return data.Split(inputs.videos, subset, names, args.features or args.store or args.videos, args.out,
                       args.max_bad, args.resume)
@@ -518,7 +514,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
             (folder / "key.json").write_text(json.dumps(key, indent=1))
         todo = [[v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]]
     if world > 1:
-        dist.broadcast_object_list(todo, src=0)  # one list for all ranks
+        dist.broadcast_object_list(todo, src=0)
     todo = [v for v in split.videos if v.id in set(todo[0])]
     print0(f"{split.subset} features: {len(split.videos) - len(todo)} in {folder} already, {len(todo)} to extract")
     error = None
@@ -565,13 +561,6 @@ def train_head(args, feats, videos, lr, device, extra=None):
     return head.eval()
 
 
-def detect(args, head, feats, videos, scores):
-    results, dropped = gtad.detect_videos(head, feats, videos, scores, args.nms_sigma, args.top_k)
-    if dropped:
-        print0(f"warning: {dropped} detections carry classes absent from the ground truth; dropped")
-    return results
-
-
 def search_lr(args, feats, train, classes, device):
     """The paper's lr search (Sec. 3.3): average mAP on a seeded tenth of the *training* videos of heads
     (and a video classifier) trained on the other nine tenths. The validation subset is never used."""
@@ -582,8 +571,8 @@ def search_lr(args, feats, train, classes, device):
     clf = gtad.train_video_classifier(feats, fit_on, classes, args.seed)
     scores = {}
     for lr in LR_GRID:
-        results = detect(args, train_head(args, feats, fit_on, lr, device), feats, dev,
-                         lambda v: (gtad.video_class_scores(clf, feats[v.id]), classes))
+        results = gtad.detect_videos(train_head(args, feats, fit_on, lr, device), feats, dev, lambda v: (
+            gtad.video_class_scores(clf, feats[v.id]), classes), args.nms_sigma, args.top_k)
         scores[lr] = evaluate.detection_map(gt, dict(results=results))[1] if any(results.values()) else 0.0
         print0(f"lr search: lr {lr:g} -> {100 * scores[lr]:.2f} average mAP on {len(dev)} held-out training videos")
     best = [max(scores, key=scores.get)]
@@ -625,7 +614,7 @@ def stage_head(args, inputs, rank, world, device):
         return
     if val.total > len(val.videos):
         print0(f"{val.total - len(val.videos)} of {val.total} validation videos have no file or failed to decode: "
-               "no detections, so the evaluation counts their instances as misses")
+               "their instances count as misses")
     out, table = Path(args.out), inputs.video_scores
     if not table:  # its own classes (for another head: --video-scores <out>/video_scores.json)
         table = {v.id: gtad.video_class_scores(clf, feats[v.id]) for v in val.videos}, classes
@@ -635,9 +624,9 @@ def stage_head(args, inputs, rank, world, device):
         if v.id not in table[0]:
             raise data.BadInput(f"{args.video_scores}: no video-level scores for video {v.id}")
         return table[0][v.id], table[1]
+    results = gtad.detect_videos(head, feats, val.videos, scores, args.nms_sigma, args.top_k)
     with open(out / "detections.json", "w") as f:
-        json.dump(dict(version="VERSION 1.3", results=detect(args, head, feats, val.videos, scores),
-                       external_data={}), f)
+        json.dump(dict(version="VERSION 1.3", results=results, external_data={}), f)
     metrics = evaluate.run_metrics(args.anno, out / "detections.json", out / "metrics.json")
     print0(" | ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if k[-4:] in ("0.50", "0.75", "0.95", "-mAP")))
 
@@ -650,17 +639,16 @@ def stage_plan(args):
     full, lofis = fidelity_grid(args)
     variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
         [(args.checkpoint_encoder, args.amp)]
-    snippets = 25 if device.type == "cuda" else 4  # the encoder runs on this many and twice as many
     rows, ref = [], {}
     print0(f"device {device}: the marginal activation memory of a training step\n"
            "| config | L x H x W | ckpt | amp | MiB / video | x full | fixed MiB | fits |\n" + "|---" * 8 + "|")
+    k = 25 if device.type == "cuda" else 4  # the encoder measured on k and 2k snippets
     for name, fid in progress([("full", full), *zip(("S", "T", "ST"), lofis)], "plan"):
         for ckpt, amp in variants:
-            n = min(fid.L, snippets)
-            memory = tsm.training_memory(args.depth, args.frames, fid, device, ckpt, amp, n)
+            memory = tsm.training_memory(args.depth, args.frames, fid, device, ckpt, amp, k)
             per_video, fixed = (x / 2**20 for x in memory)
-            r = dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, snippets_run=n,
-                     mib_per_video=per_video, fixed_mib=fixed, ratio=per_video / ref.setdefault((ckpt, amp), per_video))
+            r = dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, mib_per_video=per_video,
+                     fixed_mib=fixed, ratio=per_video / ref.setdefault((ckpt, amp), per_video))
             if args.budget_gb:
                 r["fits"] = max(0, int((args.budget_gb * 1024 - fixed) // per_video))
             rows.append(r)
@@ -727,7 +715,7 @@ def run(args, inputs):
                     (Path(args.out) / name).unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, inputs, rank, world, device)
     finally:
-        if lock:  # (in one process, a test, the next run may start)
+        if lock:  # (for the next run in this process)
             lock.close()
         if dist.is_initialized():
             dist.destroy_process_group()

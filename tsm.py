@@ -387,9 +387,9 @@ def snippet_memory(cfg, frames, H, W, device, amp, k):
 
 def training_memory(depth, frames, fid, device, checkpoint, amp, snippets):
     """(bytes per video, fixed bytes) of a LoFiNet training step at fidelity fid (a data.Fidelity): the
-    encoder's per snippet (measured on `snippets`) times L, plus the G-TAD head's at L."""
+    encoder's per snippet (measured on k = min(snippets, L) and 2k) times L, plus the G-TAD head's at L."""
     cfg = TSMConfig(depth=depth, checkpoint=checkpoint)
-    per_snippet, fixed = snippet_memory(cfg, frames, fid.H, fid.W, device, amp, snippets)
+    per_snippet, fixed = snippet_memory(cfg, frames, fid.H, fid.W, device, amp, min(fid.L, snippets))
     head = gtad.GTADConfig(feat_dim=2048 if depth == 50 else 512)  # the encoder's D
     per_video, head_fixed = gtad.video_memory(head, fid.L, device, amp, step_memory)
     return per_snippet * fid.L + per_video, fixed + head_fixed

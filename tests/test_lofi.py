@@ -550,10 +550,15 @@ def stop_by_signal(procs, pid, tmp_path):
     assert [p.exitcode for p in procs] == [lofi.PREEMPTED] * len(procs) and time.time() - t0 < 30
 
 
-# One loop trains every stage: stage 1 in one process and stage 2 under torchrun cover its resume.
-def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
-    """Stage 2 in 2 rank processes, --save-every 1; SIGKILL both once a mid-epoch checkpoint exists; --resume
-    must end with the weights, optimizer state and logged losses of an uninterrupted run."""
+# One loop trains every stage: stage 1 in one process and stage 2 in ranks cover its resume.
+def test_killed_preempted_or_restarted_ranks_end_as_an_undisturbed_run(synth, tmp_path):
+    """Stage 2 in 2 rank processes; every way it can stop must end, resumed, with the weights, optimizer
+    state and logged losses of an uninterrupted run:
+    - SIGKILL to both once a --save-every 1 checkpoint exists, then --resume;
+    - SIGTERM to rank 1 alone, mid-epoch, no --save-every: both ranks save that step and exit with PREEMPTED
+      within 30 s; then --resume;
+    - torchrun --max-restarts 1, rank 1 SIGKILLed at a random mid-epoch step: the same command line, no flag
+      changed, continues the job from its --save-every checkpoint."""
     base = [ROOT / "lofi.py", "--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--max-steps", "2"]
     argv = [*base, "--save-every", "1"]
     codes, errs = run_ranks([*argv, "--out", tmp_path / "straight"], tmp_path / "logs0")
@@ -572,31 +577,21 @@ def test_killed_mid_epoch_resumes_to_the_same_weights(synth, tmp_path):
     codes, outs = run_ranks([*argv, "--out", tmp_path / "killed", "--resume"], tmp_path / "logs2")
     assert codes == [0, 0] and f"step {at['step']}" in outs[0], outs[0][-3000:]
     same_end_state(tmp_path, "lofi")
-
-
-def test_sigterm_to_one_rank_and_a_torchrun_restart_continue_the_run(synth, tmp_path):
-    """Stage 2 in 2 rank processes. SIGTERM to rank 1 alone, mid-epoch, no --save-every: both ranks save that
-    step and exit with PREEMPTED within 30 s, and --resume ends as an undisturbed run. Then torchrun
-    --max-restarts 1 with rank 1 SIGKILLed at a random mid-epoch step: the same command line, no flag changed,
-    continues the job from its --save-every checkpoint to the same end."""
-    argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "2", "--max-steps", "2"]
-    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--out", tmp_path / "straight"], tmp_path / "logs0")
-    assert codes == [0, 0], errs[0][-3000:]
-    procs = start_ranks([*at_step(tmp_path, "1", "epoch 1:", 0), *argv, "--out", tmp_path / "termed"],
-                        tmp_path / "logs1")
+    procs = start_ranks([*at_step(tmp_path, "1", "epoch 1:", 0), *base[1:], "--out", tmp_path / "termed"],
+                        tmp_path / "logs3")                                  # SIGTERM to one rank
     waiting(tmp_path, procs)
     stop_by_signal(procs, procs[1].pid, tmp_path)
     at = torch.load(tmp_path / "termed" / "last.pt", weights_only=True)
     assert (at["epoch"], at["step"]) == (1, 1)
-    assert "SIGTERM: stopped at epoch 1, step 1" in (tmp_path / "logs1" / "rank0.log").read_text()
-    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--out", tmp_path / "termed", "--resume"], tmp_path / "logs2")
+    assert "SIGTERM: stopped at epoch 1, step 1" in (tmp_path / "logs3" / "rank0.log").read_text()
+    codes, errs = run_ranks([*base, "--out", tmp_path / "termed", "--resume"], tmp_path / "logs4")
     assert codes == [0, 0], errs[0][-3000:]
     same_end_state(tmp_path, "lofi", "termed")
     epoch = int(np.random.default_rng().integers(2))                      # step 1: the mid-epoch one of 2
+    lost = map(str, at_step(tmp_path, "1", f"epoch {epoch}:", 1, "kill"))
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                          "--max-restarts=1", *map(str, at_step(tmp_path, "1", f"epoch {epoch}:", 1, "kill")), *argv,
-                          "--save-every", "1", "--out", str(tmp_path / "restarted")], cwd=ROOT, capture_output=True,
-                         text=True, timeout=300)
+                          "--max-restarts=1", *lost, *argv[1:], "--out", tmp_path / "restarted"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
     assert run.returncode == 0 and "torchrun restart 1: --resume" in run.stdout, (epoch, run.stderr[-3000:])
     same_end_state(tmp_path, "lofi", "restarted")
 

@@ -196,8 +196,7 @@ def fidelities(g, nets, device):
             t = seconds(step, g["warmup"], g["steps"], device) / g["batch"]
             peak = None if device.type != "cuda" else \
                 (torch.cuda.max_memory_allocated(device) - base) / g["batch"] / 2**20
-            n = min(fid.L, g["mem_snippets"])
-            mib = tsm.training_memory(18, g["frames"], fid, device, False, amp, n)[0] / 2**20 \
+            mib = tsm.training_memory(18, g["frames"], fid, device, False, amp, g["mem_snippets"])[0] / 2**20 \
                 if g["mem_bf16"] or not amp else None
             row[prec] = dict(s_per_video=t, mib_per_video=mib, step_peak_mib_per_video=peak)
             if not amp:
