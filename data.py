@@ -380,12 +380,12 @@ def atomic_save(path, write):
 
 
 def hold(path):
-    """-> `path` open to append, under an exclusive flock (gone with the file or its process), or None: it is held."""
+    """-> `path` open under an exclusive POSIX lock (this process's, not its forks' like loader workers), or None."""
     f = open(path, "a")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return f
-    except BlockingIOError:
+    except OSError:                                  # EACCES or EAGAIN: held
         f.close()
 
 
@@ -426,15 +426,15 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     """Every annotated video not yet in the FrameStore at `root` into it; says how many are stored, failed, missing."""
     root, videos = Path(root), read_annotations(anno)[0]
     config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
-    if not (root / "store.json").exists():   # a new store; a folder with only a manifest: a start that was killed
-        if root.exists() and (not root.is_dir() or {p.name for p in root.iterdir()} - {"manifest.jsonl"}):
-            raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "manifest.jsonl").touch()
-        atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))   # last: now a store
-    if not (manifest := hold(root / "manifest.jsonl")):     # one `prepare` at a time: it holds the manifest
-        raise BadInput(f"--store {root}: another `prepare` is writing it (it holds {root / 'manifest.jsonl'})")
-    with manifest:
+    if not (root / "store.json").exists() and root.exists() and (
+            not root.is_dir() or {p.name for p in root.iterdir()} - {"manifest.jsonl", "lock"}):
+        raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
+    root.mkdir(parents=True, exist_ok=True)
+    if not (lock := hold(root / "lock")):             # one `prepare` at a time; a killed one's is gone
+        raise BadInput(f"--store {root}: another `prepare` is writing it (it holds {root / 'lock'})")
+    with lock, open(root / "manifest.jsonl", "a") as manifest:
+        if not (root / "store.json").exists():       # a new store (the manifest first): now a store
+            atomic_save(root / "store.json", lambda f: f.write(json.dumps(config).encode()))
         if (store := FrameStore(root)).config != config:
             raise BadInput(f"--store {root}: prepared with other settings ({(root / 'store.json').read_text()}); "
                            "give another folder")

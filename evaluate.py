@@ -23,6 +23,7 @@ positives / the proposal total), with a warning saying how many.
     python evaluate.py --gt anno.json --pred runs/x/detections.json      # table + average-mAP
     python evaluate.py --gt anno.json --pred proposals.json --proposals  # AR@1/5/10/100, AUC
     python evaluate.py --gt anno.json --pred det.json --subset validation --json out.json
+    python evaluate.py --gt anno.json --pred det.json --blocked missing_files.txt  # OpenTAD's protocol
 Bad input: a message on stderr and exit status 2. Tests: python -m pytest -q tests/test_evaluate.py
 Speed, 2 CPU cores: 4,728 validation videos x 100 predictions (46 MB), end to end, take about as
 long as json.load of that file alone, and 7-8x less than a per-prediction loop.
@@ -42,6 +43,7 @@ import numpy as np
 
 THRESHOLDS = np.linspace(0.5, 0.95, 10)  # tIoU 0.50:0.05:0.95, as the official evaluator
 MAX_PROPOSALS = 100  # average number of proposals a video, the official AR@AN setting
+BLOCK_LIST_EXTENSIONS = {"npy", "npz", "pt", "pkl", "mp4", "mkv", "webm", "avi"}
 
 
 def normalise_id(vid):
@@ -121,8 +123,27 @@ def _no_gc():
             gc.enable()
 
 
-def load_ground_truth(gt, subset="validation"):
-    """GroundTruth of one subset from an annotation file ('database' format) or its loaded dict."""
+def read_blocked(path):
+    """The video ids of a block list, one a line, its first field (`v_` and a video or feature file's extension
+    allowed): lofi.py's <run>/missing.txt and OpenTAD's missing_files.txt alike."""
+    ids = set()
+    for line in Path(path).read_text().splitlines():
+        if line.split():
+            name = line.split()[0]
+            stem, dot, ext = name.rpartition(".")
+            ids.add(normalise_id(stem if dot and ext.lower() in BLOCK_LIST_EXTENSIONS else name))
+    return ids
+
+
+def as_ground_truth(videos, subset="validation"):
+    """An annotation dict ('database' format) of videos with .id, .duration, .segments and .labels (data.Video)."""
+    return dict(database={v.id: dict(subset=subset, duration=v.duration, annotations=[
+        dict(segment=[float(x) for x in s], label=label) for s, label in zip(v.segments, v.labels)]) for v in videos})
+
+
+def load_ground_truth(gt, subset="validation", blocked=()):
+    """GroundTruth of one subset from an annotation file ('database' format) or its loaded dict, less the
+    videos whose ids are in `blocked` (normalised ids: the evaluation on the videos still available)."""
     name = "ground-truth dict" if isinstance(gt, dict) else str(gt)
     doc = gt if isinstance(gt, dict) else _json(Path(gt).read_bytes(), name)
     if not isinstance(doc, dict) or not isinstance(doc.get("database"), dict):
@@ -132,6 +153,8 @@ def load_ground_truth(gt, subset="validation"):
         if not isinstance(v, dict) or v.get("subset") != subset:
             continue
         vid = normalise_id(raw)
+        if vid in blocked:
+            continue
         if vid in index:
             raise ValueError(f"{name}: video {raw} appears twice (ids are compared without 'v_')")
         index[vid] = len(videos)
@@ -317,11 +340,12 @@ def interpolated_ap(tp, n_truth):
     return (step * prec).sum(axis=1)  # (T,); beyond the last prediction the precision is 0
 
 
-def detection_map(gt, pred, subset="validation", thresholds=THRESHOLDS):
-    """(mAP at each tIoU threshold (T,), average mAP); gt and pred are paths or loaded dicts."""
+def detection_map(gt, pred, subset="validation", thresholds=THRESHOLDS, blocked=()):
+    """(mAP at each tIoU threshold (T,), average mAP); gt and pred are paths or loaded dicts; `blocked` videos
+    (ids) leave the ground truth (a prediction for one is then outside the subset)."""
     thresholds = np.asarray(thresholds, dtype=np.float64)
     with _no_gc():
-        truth = load_ground_truth(gt, subset)
+        truth = load_ground_truth(gt, subset, blocked)
         preds = load_predictions(pred, truth, subset)
     C = len(truth.classes)
     by_class = np.argsort(preds.label, kind="stable")  # file order within a class
@@ -337,10 +361,10 @@ def detection_map(gt, pred, subset="validation", thresholds=THRESHOLDS):
     return per_tiou, float(per_tiou.mean())
 
 
-def proposal_recall(gt, pred, subset="validation"):
-    """Class-agnostic AR at 1, 5, 10, 100 proposals a video and the AUC (%) of AR vs AN."""
+def proposal_recall(gt, pred, subset="validation", blocked=()):
+    """Class-agnostic AR at 1, 5, 10, 100 proposals a video and the AUC (%) of AR vs AN; `blocked` as above."""
     with _no_gc():
-        truth = load_ground_truth(gt, subset)
+        truth = load_ground_truth(gt, subset, blocked)
         preds = load_predictions(pred, truth, subset, need_labels=False)
     videos = np.unique(truth.video)  # the official video list: videos with ground truth
     # Every video keeps the same fraction of its proposals, MAX_PROPOSALS a video on average.
@@ -423,17 +447,21 @@ def main(argv=None):
     p.add_argument("--proposals", action="store_true",
                    help="evaluate class-agnostic proposals (AR@AN) instead of detections (mAP)")
     p.add_argument("--json", metavar="OUT", help="also write the numbers to this JSON file")
+    p.add_argument("--blocked", metavar="FILE", help="video ids, one a line, left out of the ground truth (OpenTAD, "
+                   "BMN: the videos still available; default: all count, a missing one as missed, as officially)")
     args = p.parse_args(argv)
     try:
+        blocked = read_blocked(args.blocked) if args.blocked else set()
+        where = args.subset + (f" less {len(blocked)} blocked videos (not the official protocol)" if blocked else "")
         if args.proposals:
-            result = proposal_recall(args.gt, args.pred, args.subset)
-            lines = [f"proposals on {args.subset}: {args.pred}", "AN     AR"]
+            result = proposal_recall(args.gt, args.pred, args.subset, blocked)
+            lines = [f"proposals on {where}: {args.pred}", "AN     AR"]
             lines += [f"{k[3:]:<6} {result[k]:.4f}" for k in ("AR@1", "AR@5", "AR@10", "AR@100")]
             lines.append(" ".join(f"{k} {v:.4f}" for k, v in result.items()))
         else:
-            per_tiou, average = detection_map(args.gt, args.pred, args.subset)
+            per_tiou, average = detection_map(args.gt, args.pred, args.subset, blocked=blocked)
             result = {"tiou": THRESHOLDS.tolist(), "mAP": per_tiou.tolist(), "average_mAP": average}
-            lines = [f"detection on {args.subset}: {args.pred}", "tIoU   mAP"]
+            lines = [f"detection on {where}: {args.pred}", "tIoU   mAP"]
             lines += [f"{t:.2f}   {m:.4f}" for t, m in zip(THRESHOLDS, per_tiou)]
             lines.append(f"average-mAP {average:.6f}")
     except (ValueError, OSError) as e:

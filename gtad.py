@@ -527,6 +527,15 @@ def detections_for(head, feat, duration, class_scores, class_names, sigma=0.84, 
     return assign_classes(segments, scores, class_scores, class_names, top=2)
 
 
+def from_checkpoint(ck):
+    """The head and the video classifier a stage-3 checkpoint of lofi.py holds, in eval mode."""
+    head = GTAD(GTADConfig(**ck["head_cfg"]))
+    clf = video_classifier(head.cfg.feat_dim, len(ck["classes"]))
+    head.load_state_dict(ck["head"])
+    clf.load_state_dict(ck["video_classifier"])
+    return head.eval(), clf.eval()
+
+
 def detect_videos(head, feats, videos, scores, sigma=0.84, top_k=100):
     """Detections of `videos` ({id: [entry]}), classes from scores(video) -> (class scores, names), less
     the labels absent from their ground truth: the official evaluator refuses those, and a class seen

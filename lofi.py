@@ -15,6 +15,7 @@ import json
 import os
 import re
 import signal
+import socket
 import sys
 import time
 from dataclasses import asdict
@@ -48,6 +49,7 @@ PRESETS = {
 # Paper Sec. 3.3: stage 3 searches the head's learning rate in this set.
 LR_GRID = (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)
 PREEMPTED = 3  # the exit code after SIGTERM or SIGUSR1: saved, to --resume
+SIGNALS = []  # caught by run(): every rank stops after the step (fit, extraction) in which any rank got one
 
 
 def get_args(argv=None):
@@ -155,14 +157,13 @@ def check_inputs(p, args):
     need(not args.video_scores or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: no file")
     held = [n for n in ("last.pt", "log.jsonl") if Path(args.out, n).is_file()]
     epochs = re.findall(r'"epoch": (\d+)', Path(args.out, "log.jsonl").read_text()) if "log.jsonl" in held else []
-    args.job, restart = os.environ.get("TORCHELASTIC_RUN_ID"), os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    ran = json.loads(Path(args.out, "args.json").read_text()).get("job") if Path(args.out, "args.json").is_file() else 0
-    if restart != "0" and held and ran == args.job:  # torchrun restarted this job: continue it
-        args.resume, args.overwrite = "last.pt" in held, "last.pt" not in held
-        print0(f"torchrun restart {restart}: " + ("--resume" if args.resume else "--overwrite (no last.pt yet)"))
+    job = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's, with its agent process: the same in a restart
+    args.job = job and f"{socket.gethostname()}:{os.getppid()}:{job}"
+    inputs.restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # (run() decides)
+    inputs.held, inputs.occupied = held, f"--out {args.out}: holds a run ({', '.join(held)}, last logged epoch " \
+        f"{(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again"
     need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
-    need(not held or args.resume or args.overwrite, f"--out {args.out}: holds a run ({', '.join(held)}, last "
-         f"logged epoch {(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again")
+    need(not held or args.resume or args.overwrite or inputs.restart, inputs.occupied)
     need(not args.resume or "last.pt" in held, f"--resume: no checkpoint at {args.out}/last.pt")
     try:
         inputs.videos = data.read_annotations(args.anno)[0]
@@ -257,19 +258,19 @@ def autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
-def preempted(signum, epoch, step, path):
-    print0(f"lofi.py: {signal.Signals(signum).name}: stopped at epoch {epoch}, step {step}; {path} saved: the same "
-           "command with --resume continues it", file=sys.stderr)
+def preempted(signum, args, where):
+    flag = "--resume" if Path(args.out, "last.pt").is_file() else "--overwrite (its features are kept)"
+    print0(f"lofi.py: {signal.Signals(signum).name}: stopped {where}; the same command with {flag} continues it",
+           file=sys.stderr)
     return SystemExit(PREEMPTED)
 
 
 # ---------------- checkpoints
 def load_checkpoint(path):
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, not a torch file, or pickled code: all unusable
-        why = (str(e).strip().splitlines() or [""])[0][:160]
-        raise data.BadInput(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {why})") from None
+        return tsm.read_checkpoint(path)
+    except (OSError, ValueError) as e:
+        raise data.BadInput(str(e)) from None
 
 
 # ---------------- the training loop
@@ -277,10 +278,9 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
         on_epoch=None):
     """The one training loop (every stage, the lr search): load(sampler, epoch) -> batches, loss_fn(batch, epoch,
     step) -> (total, {term: tensor}) summed on the device, read at the epoch's end. <out>/last.pt (epoch ends,
-    every --save-every steps) holds `parts` (name -> module), `extra`, optimizer, scheduler and position;
+    --save-every steps, a signal) holds `parts` (name -> module), `extra`, optimizer, scheduler and position;
     --resume continues at its step if extra's `keep` entries match. A JSON line an epoch in <out>/log.jsonl,
-    with what on_epoch(epoch, record) adds. SIGTERM or SIGUSR1 on any rank: every rank ends its step, saves and
-    exits with PREEMPTED. parts None: nothing saved, resumed or logged (trial heads)."""
+    with what on_epoch(epoch, record) adds. parts None: nothing saved, resumed or logged (trial heads)."""
     rank, world = rank_world()
     path, extra = Path(args.out) / "last.pt", extra or {}
     start, first, partial = 0, 0, {}
@@ -313,61 +313,55 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
                 data.atomic_save(path, lambda f: torch.save(state, f))
             except (OSError, RuntimeError) as e:  # (torch.save wraps a disk's OSError)
                 raise data.BadInput(f"{path}: not written ({e.__context__ or e}); the previous one is intact") from None
-    raw, signals, stop = model.module if isinstance(model, DDP) else model, [], 0
-    handlers = {s: signal.signal(s, lambda n, _: signals.append(n)) for s in (signal.SIGTERM, signal.SIGUSR1)
-                if parts is not None}
-    try:
-        for epoch in range(start, args.epochs):
-            t0 = time.time()
-            skip = first if epoch == start else 0  # > 0: resumed inside this epoch
-            sampler.set_epoch(epoch, skip)
-            steps = min(sampler.steps, args.max_steps or sampler.steps)
-            model.train()
-            if args.freeze_bn:
-                tsm.set_bn_eval(model)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            sums = {k: torch.tensor(v, device=device) for k, v in partial.items()} if skip else {}
-            it = iter(load(sampler, epoch))
-            for step in progress(range(skip, steps), f"{name} {epoch}"):
-                batch, loss, terms, stop = forward_step(it, lambda b: loss_fn(b, epoch, step), step, device,
-                                                        f"{name} epoch {epoch}: ", autocast(args, device), signals)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                for k, v in terms.items():  # on the device: no sync
-                    sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
-                if split:
-                    split.pending += batch["replaced"]
-                every = args.save_every and (step + 1) % args.save_every == 0
-                if parts is not None and (stop or every) and step + 1 < steps:
-                    save(epoch, step + 1, sums)
-                if stop and step + 1 < steps:
-                    raise preempted(stop, epoch, step + 1, path)
-            lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
-            sched.step()
-            if world > 1:  # rank 0's BatchNorm statistics everywhere
-                for b in raw.buffers():
-                    dist.broadcast(b, 0)
-            record = dict(stage=name, epoch=epoch, **{k: v.item() / steps for k, v in sums.items()}, lr=lr, steps=steps)
-            if sampler.configs:
-                record["fidelity"] = sorted({str(sampler.config_at(epoch, s)) for s in range(steps)})
-            if parts is not None:
-                save(epoch + 1)
-            if on_epoch:
-                on_epoch(epoch, record)
-            if parts is not None:
-                record.update(time=round(time.time() - t0, 2),
-                              max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
-                print0(json.dumps(record))
-                if rank == 0:
-                    with open(Path(args.out) / "log.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
+    raw, stop = model.module if isinstance(model, DDP) else model, 0
+    for epoch in range(start, args.epochs):
+        t0 = time.time()
+        skip = first if epoch == start else 0  # > 0: resumed inside this epoch
+        sampler.set_epoch(epoch, skip)
+        steps = min(sampler.steps, args.max_steps or sampler.steps)
+        model.train()
+        if args.freeze_bn:
+            tsm.set_bn_eval(model)
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        sums = {k: torch.tensor(v, device=device) for k, v in partial.items()} if skip else {}
+        it = iter(load(sampler, epoch))
+        for step in progress(range(skip, steps), f"{name} {epoch}"):
+            batch, loss, terms, stop = forward_step(it, lambda b: loss_fn(b, epoch, step), step, device,
+                                                    f"{name} epoch {epoch}: ", autocast(args, device), SIGNALS)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            for k, v in terms.items():  # on the device: no sync
+                sums[k] = sums[k] + v.detach().float() if k in sums else v.detach().float()
+            if split:
+                split.pending += batch["replaced"]
+            every = args.save_every and (step + 1) % args.save_every == 0 and step + 1 < steps
+            if parts is not None and (stop or every):  # (the last step too: resumed, its epoch's end runs)
+                save(epoch, step + 1, sums)
             if stop:
-                raise preempted(stop, epoch + 1, 0, path)
-    finally:  # (a notebook gets its handlers back)
-        for s, handler in handlers.items():
-            signal.signal(s, handler)
+                raise preempted(stop, args, f"at epoch {epoch}, step {step + 1}")
+        lr = opt.param_groups[0]["lr"]  # the lr this epoch ran with
+        sched.step()
+        if world > 1:  # rank 0's BatchNorm statistics everywhere
+            for b in raw.buffers():
+                dist.broadcast(b, 0)
+        record = dict(stage=name, epoch=epoch, **{k: v.item() / steps for k, v in sums.items()}, lr=lr, steps=steps)
+        if sampler.configs:
+            record["fidelity"] = sorted({str(sampler.config_at(epoch, s)) for s in range(steps)})
+        if parts is not None:
+            save(epoch + 1)
+        if on_epoch:
+            on_epoch(epoch, record)
+        if parts is not None:
+            record.update(time=round(time.time() - t0, 2),
+                          max_mem=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0)
+            print0(json.dumps(record))
+            if rank == 0:
+                with open(Path(args.out) / "log.jsonl", "a") as f:
+                    f.write(json.dumps(record) + "\n")
+    if stop := agree(torch.tensor([0, max(SIGNALS, default=0)], device=device), lambda: None):  # at an epoch's end
+        raise preempted(stop, args, f"at epoch {args.epochs}, step 0")
     return raw
 
 
@@ -390,7 +384,6 @@ def fidelity_grid(args):
 
 
 def tal_dataset(args, inputs, videos):
-    """Videos as L snippets of F frames, from the store or the video folder."""
     return data.TALDataset(videos, inputs.store or args.videos, args.frames, args.stride, full=fidelity_grid(args)[0])
 
 
@@ -520,6 +513,8 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
     error = None
     try:
         for batch in in_order(args, inputs, split, device, todo, max(1, args.batch_size // world), rank, world):
+            if SIGNALS:  # (its files stay: the next run skips them)
+                break
             with autocast(args, device):
                 x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()  # (B, L, D)
             for vid, feat in zip(batch["ids"], x):  # (a broken video's stand-in: the same file)
@@ -528,7 +523,8 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
         if world == 1:
             raise
         error = f"feature extraction: {type(e).__name__}: {e}"
-    agree(torch.tensor([float(error is not None), 0], device=device), lambda: error)
+    if stop := agree(torch.tensor([float(error is not None), max(SIGNALS, default=0)], device=device), lambda: error):
+        raise preempted(stop, args, f"extracting {split.subset} features")
     split.flush("while extracting features")
     lost = [v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]
     if lost:  # broken videos (log.jsonl says why): skipped
@@ -566,8 +562,7 @@ def search_lr(args, feats, train, classes, device):
     (and a video classifier) trained on the other nine tenths. The validation subset is never used."""
     held = set(np.random.default_rng([args.seed, 10]).permutation(len(train))[:max(1, len(train) // 10)].tolist())
     dev, fit_on = ([v for i, v in enumerate(train) if (i in held) is side] for side in (True, False))
-    gt = dict(database={v.id: dict(subset="validation", duration=v.duration, annotations=[
-        dict(segment=list(map(float, s)), label=lab) for s, lab in zip(v.segments, v.labels)]) for v in dev})
+    gt = evaluate.as_ground_truth(dev)
     clf = gtad.train_video_classifier(feats, fit_on, classes, args.seed)
     scores = {}
     for lr in LR_GRID:
@@ -616,7 +611,7 @@ def stage_head(args, inputs, rank, world, device):
         print0(f"{val.total - len(val.videos)} of {val.total} validation videos have no file or failed to decode: "
                "their instances count as misses")
     out, table = Path(args.out), inputs.video_scores
-    if not table:  # its own classes (for another head: --video-scores <out>/video_scores.json)
+    if not table:  # its own classes (for another head: --video-scores)
         table = {v.id: gtad.video_class_scores(clf, feats[v.id]) for v in val.videos}, classes
         gtad.write_video_scores(out / "video_scores.json", *table)
 
@@ -640,7 +635,7 @@ def stage_plan(args):
     variants = [(c, a) for c in (False, True) for a in (False, True)] if args.budget_gb else \
         [(args.checkpoint_encoder, args.amp)]
     rows, ref = [], {}
-    print0(f"device {device}: the marginal activation memory of a training step\n"
+    print0(f"device {device}: the memory a video adds to a training step\n"
            "| config | L x H x W | ckpt | amp | MiB / video | x full | fixed MiB | fits |\n" + "|---" * 8 + "|")
     k = 25 if device.type == "cuda" else 4  # the encoder measured on k and 2k snippets
     for name, fid in progress([("full", full), *zip(("S", "T", "ST"), lofis)], "plan"):
@@ -667,15 +662,13 @@ def stage_detect(args):
         raise data.BadInput(f"{path}: not a stage-3 checkpoint with an encoder (a head trained on precomputed "
                             "features has none to turn a video into features)")
     encoder = tsm.build_encoder(init=str(path), ckpt=ck)[0].to(device).eval()
-    head, clf = gtad.GTAD(gtad.GTADConfig(**ck["head_cfg"])), gtad.video_classifier(encoder.dim, len(ck["classes"]))
-    head.load_state_dict(ck["head"])
-    clf.load_state_dict(ck["video_classifier"])
+    head, clf = gtad.from_checkpoint(ck)
     for k in ("snippets", "frames", "stride", "size", "amp"):  # features as stage 3 made them
         setattr(args, k, ck["args"][k])
     frames, duration = data.read_snippets(args.video, fidelity_grid(args)[0], args.frames, args.stride)
     with torch.no_grad(), autocast(args, device):
         feat = tsm.snippet_features(encoder, frames[None].to(device))[0].float().cpu()  # (D, L)
-    dets = gtad.detections_for(head.to(device).eval(), feat, duration, gtad.video_class_scores(clf, feat),
+    dets = gtad.detections_for(head.to(device), feat, duration, gtad.video_class_scores(clf, feat),
                                ck["classes"], args.nms_sigma, args.top_k)
     out = path.parent / f"detect_{Path(args.video).stem}"
     Path(f"{out}.json").write_text(json.dumps(dict(video=args.video, duration=duration, detections=dets)))
@@ -699,24 +692,35 @@ def run(args, inputs):
     if args.stage == "detect":
         return stage_detect(args)
     rank, world, device = compute_init(args)
-    lock = None
+    lock, caught = None, {s: signal.signal(s, lambda n, _: SIGNALS.append(n)) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
         Path(args.out).mkdir(parents=True, exist_ok=True)
         lock = data.hold(Path(args.out) / "lock") if rank == 0 else None  # the job's: rank 0 holds it
-        verdict = [lock is not None]
+        verdict = [None if lock or rank else f"--out {args.out}: another job is running in it (it holds "
+                   f"{args.out}/lock)", args.resume, args.overwrite]
+        if lock and inputs.restart and inputs.held:  # torchrun restarted a job: its own folder continues
+            ran = Path(args.out, "args.json")
+            if args.job and ran.is_file() and json.loads(ran.read_text()).get("job") == args.job:
+                verdict[1:] = "last.pt" in inputs.held, "last.pt" not in inputs.held
+            elif not (args.resume or args.overwrite):
+                verdict[0] = inputs.occupied
         if world > 1:
             dist.broadcast_object_list(verdict, src=0)
-        if not verdict[0]:
-            raise data.BadInput(f"--out {args.out}: another job is running in it (it holds {args.out}/lock)")
+        if verdict[0]:
+            raise data.BadInput(verdict[0])
+        args.resume, args.overwrite = verdict[1:]
         if rank == 0:
             (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
             if not args.resume:  # a new run, or --overwrite (features stay: a keyed cache)
                 for name in ("last.pt", "log.jsonl", "missing.txt"):
                     (Path(args.out) / name).unlink(missing_ok=True)
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, inputs, rank, world, device)
-    finally:
-        if lock:  # (for the next run in this process)
+    finally:  # (as it was, for this process's next run)
+        if lock:
             lock.close()
+        for s, handler in caught.items():
+            signal.signal(s, handler)
+        SIGNALS.clear()
         if dist.is_initialized():
             dist.destroy_process_group()
 

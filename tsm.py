@@ -220,19 +220,25 @@ def load_state(model, state, source):
     return dict(loaded=sorted(mapped), ignored=ignored)
 
 
+def read_checkpoint(path):
+    """torch.load(path) to the CPU, tensors only (weights_only); a file missing or unreadable -> FileNotFoundError
+    or ValueError, naming it."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or pickled code: all unusable
+        why = (str(e).strip().splitlines() or [""])[0][:160]  # (torch's runs to pages)
+        raise ValueError(f"{path}: cannot read it as a PyTorch checkpoint ({type(e).__name__}: {why})") from None
+
+
 def load_weights(model, path, ckpt=None):
     """Load an official TSM release, a torchvision ResNet state dict or this project's checkpoint
     (`ckpt`: the file's contents when the caller has read it already).
 
     Returns dict(loaded=[model keys], ignored=[file keys of classifier heads]).
     """
-    path = Path(path)
-    if ckpt is None and not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True) if ckpt is None else ckpt
-    except Exception as e:  # truncated zip, not a torch file, pickled objects: all unusable
-        raise ValueError(f"{path}: cannot read weights file ({type(e).__name__}: {e})") from e
+    path, ckpt = Path(path), read_checkpoint(path) if ckpt is None else ckpt
     if isinstance(ckpt, dict) and "encoder" in ckpt:  # this project's checkpoint (lofi.py)
         cfg = ckpt.get("encoder_cfg") or {}
         if cfg.get("depth", model.cfg.depth) != model.cfg.depth:

@@ -529,3 +529,29 @@ def test_cli_bad_input_exits_2(tmp_path):
     assert "label 'swim' is not a ground-truth class" in run.stderr and "video a" in run.stderr
     run = _cli("--gt", gt, "--pred", tmp_path / "missing.json")
     assert run.returncode == 2 and "missing.json" in run.stderr
+
+
+def test_blocked_videos_score_as_if_deleted_from_the_ground_truth(tmp_path):
+    """--blocked (OpenTAD's and BMN's protocol: the videos still available) equals the ground truth with
+    those videos deleted by hand, by the naive loop too; our missing.txt and OpenTAD's missing_files.txt
+    both work as the list, and the default (the official protocol) differs."""
+    rows = [(f"vid{k}", ("run", "jump")[k % 2], 3.0 * k, 3.0 * k + 8) for k in range(8)]
+    gt = gt_doc(*rows, ("vid1", "run", 40, 60), ("vid6", "jump", 70, 90))
+    kept = {"database": {k: v for k, v in gt["database"].items() if k not in ("vid1", "vid6")}}
+    for pred in (perturbed_predictions(gt, 6, seed=0), perturbed_predictions(kept, 6, seed=1)):
+        (tmp_path / "pred.json").write_text(json.dumps(pred))
+        for name, text in (("missing.txt", "vid1\tvalidation\nvid6\tvalidation\n"),
+                           ("missing_files.txt", "v_vid6\nv_vid1.npy\n\n")):
+            (tmp_path / name).write_text(text)
+            blocked = evaluate.read_blocked(tmp_path / name)
+            assert blocked == {"vid1", "vid6"}
+            per_tiou, average = evaluate.detection_map(gt, pred, blocked=blocked)
+            by_hand = evaluate.detection_map(kept, pred)
+            assert np.array_equal(per_tiou, by_hand[0]) and average == by_hand[1]
+            assert np.allclose(per_tiou, reference_map(kept, pred), atol=1e-12)
+            assert evaluate.proposal_recall(gt, pred, blocked=blocked) == evaluate.proposal_recall(kept, pred)
+            (tmp_path / "gt.json").write_text(json.dumps(gt))
+            run = _cli("--gt", tmp_path / "gt.json", "--pred", tmp_path / "pred.json", "--blocked", tmp_path / name)
+            assert run.returncode == 0 and run.stdout.splitlines()[-1] == f"average-mAP {by_hand[1]:.6f}", run.stderr
+            assert "less 2 blocked videos (not the official protocol)" in run.stdout.splitlines()[0]
+        assert evaluate.detection_map(gt, pred)[1] != average              # the official protocol: they count

@@ -80,9 +80,10 @@ def start_ranks(script_and_args, logs, n=2):
     return procs
 
 
-def start_plain(script_and_args, log):
-    """One process of a script, forked as start_ranks forks, with no rank environment: a plain `python`."""
-    proc = multiprocessing.get_context("fork").Process(target=as_rank, args=(script_and_args, {}, log), daemon=True)
+def start_plain(script_and_args, log, daemon=True):
+    """One process of a script, forked as start_ranks forks, with no rank environment: a plain `python` (daemon
+    False: one that may start DataLoader workers)."""
+    proc = multiprocessing.get_context("fork").Process(target=as_rank, args=(script_and_args, {}, log), daemon=daemon)
     proc.start()
     return proc
 
@@ -226,11 +227,11 @@ def test_truncated_checkpoint_is_refused_by_name(synth, tmp_path, capsys):
     out.mkdir()
     (out / "last.pt").write_bytes(good.read_bytes()[:100])            # a write cut short
     argv = ["--stage", "lofi", *SMALL, *synth, "--epochs", "1"]
-    pattern = r"last\.pt: not a readable PyTorch checkpoint"
+    pattern = r"last\.pt: cannot read it as a PyTorch checkpoint"
     assert re.search(pattern, refused([*argv, "--out", str(out), "--resume"], capsys))
     assert re.search(pattern, refused([*argv, "--out", str(tmp_path / "other"), "--init", str(out / "last.pt")], capsys))
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    assert re.search(r"notes\.txt: not a readable", refused([*argv, "--init", str(tmp_path / "notes.txt")], capsys))
+    assert re.search(r"notes\.txt: cannot read it", refused([*argv, "--init", str(tmp_path / "notes.txt")], capsys))
 
 
 # ---------------- bad flags, dirty data, failures
@@ -388,7 +389,7 @@ def test_one_prepare_at_a_time_on_a_store(synth, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert second.value.code == 2 and time.time() - t0 < 30 and len(err) == 1, err
     assert err[0] == (f"data.py: error: --store {tmp_path / 'store'}: another `prepare` is writing it (it holds "
-                      f"{tmp_path / 'store' / 'manifest.jsonl'})")
+                      f"{tmp_path / 'store' / 'lock'})")
     (tmp_path / "flag.go").touch()
     first.join(60)
     assert first.exitcode == 0, (tmp_path / "first.log").read_text()[-2000:]
@@ -501,7 +502,7 @@ rank, where, at, act, flag = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.arg
 real_step, real_save, told = lofi.forward_step, data.atomic_save, []
 
 
-def forward_step(it, loss_fn, step, device, here, *rest):     # as fit() calls it (rest[-1]: the signals it got)
+def forward_step(it, loss_fn, step, device, here, *rest):     # as fit() calls it (rest[-1]: lofi.SIGNALS)
     if os.environ.get("RANK", "0") == rank and where in here and step == at and not told:
         told.append(act)
         if act == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
@@ -518,7 +519,7 @@ def atomic_save(path, write):                                      # a second si
         write(f)
         os.kill(os.getpid(), signal.SIGUSR1)
         time.sleep(0.05)
-    real_save(path, with_a_signal if told == ["wait"] and path.name == "last.pt" else write)
+    real_save(path, with_a_signal if lofi.SIGNALS and path.name == "last.pt" else write)   # (after a first)
 
 
 lofi.forward_step, data.atomic_save = forward_step, atomic_save
@@ -583,7 +584,8 @@ def test_killed_preempted_or_restarted_ranks_end_as_an_undisturbed_run(synth, tm
     stop_by_signal(procs, procs[1].pid, tmp_path)
     at = torch.load(tmp_path / "termed" / "last.pt", weights_only=True)
     assert (at["epoch"], at["step"]) == (1, 1)
-    assert "SIGTERM: stopped at epoch 1, step 1" in (tmp_path / "logs3" / "rank0.log").read_text()
+    assert "SIGTERM: stopped at epoch 1, step 1; the same command with --resume" in \
+        (tmp_path / "logs3" / "rank0.log").read_text()
     codes, errs = run_ranks([*base, "--out", tmp_path / "termed", "--resume"], tmp_path / "logs4")
     assert codes == [0, 0], errs[0][-3000:]
     same_end_state(tmp_path, "lofi", "termed")
@@ -592,13 +594,15 @@ def test_killed_preempted_or_restarted_ranks_end_as_an_undisturbed_run(synth, tm
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                           "--max-restarts=1", *lost, *argv[1:], "--out", tmp_path / "restarted"], cwd=ROOT,
                          capture_output=True, text=True, timeout=300)
-    assert run.returncode == 0 and "torchrun restart 1: --resume" in run.stdout, (epoch, run.stderr[-3000:])
+    assert run.returncode == 0 and f"resumed from {tmp_path / 'restarted' / 'last.pt'} at epoch {epoch}, step 1" \
+        in run.stdout, (epoch, run.stderr[-3000:])
     same_end_state(tmp_path, "lofi", "restarted")
 
 
-def test_a_run_is_never_overwritten_unasked(synth, tmp_path, capsys):
+def test_a_run_is_never_overwritten_unasked(synth, tmp_path, capsys, monkeypatch):
     """A second run into an occupied folder is refused (exit 2, one line naming the folder, both flags and the
-    last epoch), its last.pt untouched; --overwrite starts it again, --resume continues it."""
+    last epoch), its last.pt untouched; --overwrite starts it again, --resume continues it. One job at a time
+    in a folder; a torchrun restart continues only its own job."""
     out = tmp_path / "run"
     argv = ["--stage", "lofi", *SMALL, *synth, "--max-steps", "1", "--out", str(out)]
     lofi.main([*argv, "--epochs", "1"])
@@ -625,6 +629,24 @@ def test_a_run_is_never_overwritten_unasked(synth, tmp_path, capsys):
     (tmp_path / "at_step.go").touch()
     job.join(60)
     assert job.exitcode == 0 and [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1, 2]
+    # SIGKILLed while its loader worker lives on, a job leaves its folder free at once (its lock was its own).
+    (tmp_path / "at_step").unlink()
+    job = start_plain([*at_step(tmp_path, "0", "epoch 3:", 0), *argv, "--epochs", "4", "--resume", "--workers", "1"],
+                      tmp_path / "b.log", daemon=False)
+    waiting(tmp_path, [job])
+    job.kill()
+    job.join()
+    lofi.main([*argv, "--epochs", "4", "--resume"])
+    assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1, 2, 3]
+    # A torchrun restart continues its own job's folder, no flag given; another job's it refuses.
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "job-1")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")
+    lofi.main([*argv, "--epochs", "5", "--resume"])                      # attempt 0 of job-1, here
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    lofi.main([*argv, "--epochs", "6"])                                   # its restart
+    assert [json.loads(x)["epoch"] for x in open(out / "log.jsonl")] == [0, 1, 2, 3, 4, 5]
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "none")                    # (torchrun's id without --rdzv-id)
+    assert f"--out {out}: holds a run" in refused([*argv, "--epochs", "7"], capsys)
 
 
 FILE_LIMIT = """
@@ -685,24 +707,29 @@ def test_stage_1_stopped_mid_epoch_resumes_to_the_same_weights(synth, tmp_path, 
 
 def test_sigterm_saves_the_step_and_resumes_to_the_same_weights(synth, tmp_path):
     """Stage 1 in a plain process, no --save-every: SIGTERM from outside mid-epoch (and a SIGUSR1 while it
-    saves) -> exit PREEMPTED within 30 s, a checkpoint at the step it reached, a line saying how to go on;
-    --resume ends with the weights, optimizer state and logged losses of an uninterrupted run."""
+    saves), then at an epoch's last step -> exit PREEMPTED within 30 s, a checkpoint at the step it reached, a
+    line saying how to go on; --resume ends with the weights, optimizer state and logged losses of an
+    uninterrupted run."""
     argv = ["--stage", "acp", *SMALL, *synth, "--epochs", "2", "--max-steps", "3"]
     straight = start_plain([ROOT / "lofi.py", *argv, "--out", tmp_path / "straight"], tmp_path / "straight.log")
     straight.join()                                                         # (one thread, as the runs below)
-    out = tmp_path / "termed"
-    job = start_plain([*at_step(tmp_path, "0", "epoch 1:", 1), *argv, "--out", out], tmp_path / "termed.log")
-    waiting(tmp_path, [job])
-    stop_by_signal([job], job.pid, tmp_path)
-    said = (tmp_path / "termed.log").read_text()
-    assert f"lofi.py: SIGTERM: stopped at epoch 1, step 2; {out / 'last.pt'} saved: the same command with --resume " \
-        "continues it" in said, said[-3000:]
-    at = torch.load(out / "last.pt", weights_only=True)
-    assert (at["epoch"], at["step"]) == (1, 2) and not list(out.glob("*.tmp"))
-    again = start_plain([ROOT / "lofi.py", *argv, "--out", out, "--resume"], tmp_path / "resumed.log")
-    again.join()
-    assert straight.exitcode == again.exitcode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
-    same_end_state(tmp_path, "acp", "termed")
+    assert straight.exitcode == 0
+    for where, step in (("epoch 1:", 1), ("epoch 0:", 2)):                  # mid-epoch; an epoch's last step
+        out = tmp_path / "termed"
+        shutil.rmtree(out, ignore_errors=True)
+        (tmp_path / "at_step").unlink(missing_ok=True)
+        job = start_plain([*at_step(tmp_path, "0", where, step), *argv, "--out", out], tmp_path / "termed.log")
+        waiting(tmp_path, [job])
+        stop_by_signal([job], job.pid, tmp_path)
+        said = (tmp_path / "termed.log").read_text()
+        assert f"lofi.py: SIGTERM: stopped at {where[:-1]}, step {step + 1}; the same command with --resume " \
+            "continues it" in said, said[-3000:]
+        at = torch.load(out / "last.pt", weights_only=True)
+        assert (at["epoch"], at["step"]) == (int(where[6]), step + 1) and not list(out.glob("*.tmp"))
+        again = start_plain([ROOT / "lofi.py", *argv, "--out", out, "--resume"], tmp_path / "resumed.log")
+        again.join()
+        assert again.exitcode == 0, (tmp_path / "resumed.log").read_text()[-3000:]
+        same_end_state(tmp_path, "acp", "termed")
 
 
 def test_the_design_card_command_finds_train_sh_outputs(tmp_path, monkeypatch):
