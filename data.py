@@ -385,7 +385,7 @@ def hold(path):
     try:
         fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         return f
-    except OSError:                                  # EACCES or EAGAIN: held
+    except (BlockingIOError, PermissionError):       # EAGAIN or EACCES: held
         f.close()
 
 
@@ -427,7 +427,7 @@ def prepare(anno, video_dir, root, geometry, workers=1):
     root, videos = Path(root), read_annotations(anno)[0]
     config = dict(geometry, jpeg=JPEG, clips="training: every instance frame; else: centred windows")
     if not (root / "store.json").exists() and root.exists() and (
-            not root.is_dir() or {p.name for p in root.iterdir()} - {"manifest.jsonl", "lock"}):
+            not root.is_dir() or {p.name for p in root.iterdir() if p.suffix != ".tmp"} - {"manifest.jsonl", "lock"}):
         raise BadInput(f"--store {root}: not a frame store, and not an empty folder for a new one")
     root.mkdir(parents=True, exist_ok=True)
     if not (lock := hold(root / "lock")):             # one `prepare` at a time; a killed one's is gone

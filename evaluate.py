@@ -246,8 +246,9 @@ def _columns(doc, name, need_labels):
             np.array(values, np.float64).reshape(-1, 3))
 
 
-def load_predictions(pred, truth, subset="validation", need_labels=True):
-    """Predictions from a result file or its loaded dict, resolved against the ground truth."""
+def load_predictions(pred, truth, subset="validation", need_labels=True, blocked=()):
+    """Predictions from a result file or its loaded dict, resolved against the ground truth, less those of the
+    `blocked` videos (as the official evaluator leaves out its blocked videos)."""
     if isinstance(pred, dict):
         name = "predictions dict"
         columns = _columns(pred, name, need_labels)
@@ -271,22 +272,23 @@ def load_predictions(pred, truth, subset="validation", need_labels=True):
         twice = sorted(v for v in ids if norm.count(normalise_id(v)) > 1)
         raise ValueError(f"{name}: the same video appears twice: {twice} "
                          "(ids are compared without 'v_')")
+    keep = np.repeat(np.array([v not in blocked for v in norm], bool), counts)      # (P,)
     label = np.full(len(values), -1, np.int64)
     if need_labels:
         to_class = np.array([truth.classes.index(n) if n in truth.classes else -1 for n in names])
         label = to_class[codes]
-        if (label < 0).any():
-            i = int(np.flatnonzero(label < 0)[0])
+        if ((label < 0) & keep).any():
+            i = int(np.flatnonzero((label < 0) & keep)[0])
             raise ValueError(f"{where(i)}: label {names[codes[i]]!r} is not a ground-truth class "
                              f"of subset {subset!r}")
     slot_video = np.array([truth.index.get(v, -1) for v in norm], np.int64)
-    outside = [v for v, s in zip(ids, slot_video) if s < 0]
+    outside = [v for v, s, n in zip(ids, slot_video, norm) if s < 0 and n not in blocked]
     if outside:
-        n = int(counts[slot_video < 0].sum())
+        n = int(counts[(slot_video < 0) & np.array([v not in blocked for v in norm], bool)].sum())
         warnings.warn(f"{name}: {len(outside)} of {len(ids)} videos ({n} predictions) are not "
                       f"videos of subset {subset!r} in the ground truth, e.g. {outside[:3]}; "
                       "their predictions still count, as in the official evaluator", stacklevel=3)
-    return Predictions(np.repeat(slot_video, counts), label, values[:, 0], values[:, 1:])
+    return Predictions(np.repeat(slot_video, counts)[keep], label[keep], values[keep, 0], values[keep, 1:])
 
 
 def _match(truth, preds, rank, thresholds):
@@ -341,12 +343,12 @@ def interpolated_ap(tp, n_truth):
 
 
 def detection_map(gt, pred, subset="validation", thresholds=THRESHOLDS, blocked=()):
-    """(mAP at each tIoU threshold (T,), average mAP); gt and pred are paths or loaded dicts; `blocked` videos
-    (ids) leave the ground truth (a prediction for one is then outside the subset)."""
+    """(mAP at each tIoU threshold (T,), average mAP); gt and pred are paths or loaded dicts; the `blocked`
+    videos (ids) leave both."""
     thresholds = np.asarray(thresholds, dtype=np.float64)
     with _no_gc():
         truth = load_ground_truth(gt, subset, blocked)
-        preds = load_predictions(pred, truth, subset)
+        preds = load_predictions(pred, truth, subset, blocked=blocked)
     C = len(truth.classes)
     by_class = np.argsort(preds.label, kind="stable")  # file order within a class
     orders = [idx[np.argsort(preds.score[idx])[::-1]]  # the official order, ties included
@@ -365,7 +367,7 @@ def proposal_recall(gt, pred, subset="validation", blocked=()):
     """Class-agnostic AR at 1, 5, 10, 100 proposals a video and the AUC (%) of AR vs AN; `blocked` as above."""
     with _no_gc():
         truth = load_ground_truth(gt, subset, blocked)
-        preds = load_predictions(pred, truth, subset, need_labels=False)
+        preds = load_predictions(pred, truth, subset, need_labels=False, blocked=blocked)
     videos = np.unique(truth.video)  # the official video list: videos with ground truth
     # Every video keeps the same fraction of its proposals, MAX_PROPOSALS a video on average.
     ratio = MAX_PROPOSALS * len(videos) / len(preds.score)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import sys
 import time
 from dataclasses import asdict
@@ -157,8 +156,7 @@ def check_inputs(p, args):
     need(not args.video_scores or Path(args.video_scores).is_file(), f"--video-scores {args.video_scores}: no file")
     held = [n for n in ("last.pt", "log.jsonl") if Path(args.out, n).is_file()]
     epochs = re.findall(r'"epoch": (\d+)', Path(args.out, "log.jsonl").read_text()) if "log.jsonl" in held else []
-    job = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's, with its agent process: the same in a restart
-    args.job = job and f"{socket.gethostname()}:{os.getppid()}:{job}"
+    args.job = os.environ.get("TORCHELASTIC_RUN_ID")  # torchrun's (--standalone: a uuid): the same in a restart
     inputs.restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"  # (run() decides)
     inputs.held, inputs.occupied = held, f"--out {args.out}: holds a run ({', '.join(held)}, last logged epoch " \
         f"{(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again"
@@ -228,8 +226,7 @@ def agree(flags, reason, where=""):
 
 def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext(), signals=()):
     """The next batch of `it`, loss_fn(batch), and the signal any rank got (`signals` here). A failure on any rank
-    (loading, forward, a non-finite loss) stops every rank before backward's all_reduce. In one process an error
-    keeps its traceback."""
+    (loading, forward, a non-finite loss) stops every rank before backward's all_reduce."""
     batch, loss, terms, error, phase = None, None, {}, None, ", loading"
     try:
         batch = next(it)
@@ -242,7 +239,7 @@ def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext
         error = f"step {step}{phase}: {type(e).__name__}: {e}"
     finite = error is None and torch.isfinite(loss.detach())  # a tensor: read only on failure
     failed = torch.ones((), device=device) if error else (~finite).float()
-    stop = agree(torch.stack([failed, failed.new_full((), max(signals, default=0))]),  # (a fill: no H2D copy)
+    stop = agree(torch.stack([failed, failed.new_full((), max(signals, default=0))]),
                  lambda: error or (None if finite else f"step {step}: FloatingPointError: non-finite loss"), where)
     return batch, loss, terms, stop
 
@@ -389,7 +386,7 @@ def tal_dataset(args, inputs, videos):
 
 def loader(dataset, sampler, args, device):
     """The one way videos or clips are loaded, in the batches of `sampler` (a data.Batches), by --workers
-    processes started afresh each pass (so they see a dataset's per-epoch state)."""
+    processes started afresh each pass."""
     return DataLoader(dataset, batch_sampler=sampler, num_workers=args.workers, worker_init_fn=data.worker_init,
                       collate_fn=data.collate, pin_memory=device.type == "cuda")
 
@@ -492,9 +489,8 @@ def stage_lofi(args, inputs, rank, world, device):
 # ---------------- stage 3: head
 @torch.no_grad()
 def extract_features(args, inputs, encoder, split, rank, world, device):
-    """Full-fidelity features, one (L, D) float32 <out>/features/<id>.npy a video as extracted, ranks a
-    stride each; existing files are kept (a killed run resumes) unless features/key.json (the
-    encoder's file, the geometry) differs. Broken videos get no file."""
+    """One (L, D) float32 <out>/features/<id>.npy a video as extracted, ranks a stride each; the files there
+    are kept (a killed run resumes) unless features/key.json differs. Broken videos get none."""
     folder, init, todo = Path(args.out) / "features", Path(args.init), [None]
     stamp = [str(init.resolve()), init.stat().st_size, init.stat().st_mtime_ns] if init.is_file() else args.init
     key = dict(init=stamp, source="store" if args.store else "videos", **{k: getattr(args, k) for k in (
@@ -510,21 +506,22 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
         dist.broadcast_object_list(todo, src=0)
     todo = [v for v in split.videos if v.id in set(todo[0])]
     print0(f"{split.subset} features: {len(split.videos) - len(todo)} in {folder} already, {len(todo)} to extract")
-    error = None
-    try:
-        for batch in in_order(args, inputs, split, device, todo, max(1, args.batch_size // world), rank, world):
-            if SIGNALS:  # (its files stay: the next run skips them)
-                break
-            with autocast(args, device):
-                x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()  # (B, L, D)
-            for vid, feat in zip(batch["ids"], x):  # (a broken video's stand-in: the same file)
-                data.atomic_save(folder / f"{vid}.npy", lambda f: np.save(f, feat))  # (L, D)
-    except Exception as e:  # ranks have different batch counts: one check at the end
-        if world == 1:
-            raise
-        error = f"feature extraction: {type(e).__name__}: {e}"
-    if stop := agree(torch.tensor([float(error is not None), max(SIGNALS, default=0)], device=device), lambda: error):
-        raise preempted(stop, args, f"extracting {split.subset} features")
+    per, error = max(1, args.batch_size // world), None
+    it = iter(in_order(args, inputs, split, device, todo, per, rank, world))
+    for _ in range(-(-len(range(0, len(todo), world)) // per)):  # rank 0's batches, the most: a check each
+        try:
+            if (batch := next(it, None)) is not None:  # (None: this rank's are done)
+                with autocast(args, device):
+                    x = tsm.encode(encoder, batch["frames"].to(device)).cpu().numpy()  # (B, L, D)
+                for vid, feat in zip(batch["ids"], x):  # (a broken video's stand-in: the same file)
+                    data.atomic_save(folder / f"{vid}.npy", lambda f: np.save(f, feat))  # (L, D)
+        except Exception as e:
+            if world == 1:
+                raise
+            error = f"feature extraction: {type(e).__name__}: {e}"
+        if stop := agree(torch.tensor([float(error is not None), max(SIGNALS, default=0)], device=device),
+                         lambda: error):  # (its files stay: the next run skips them)
+            raise preempted(stop, args, f"extracting {split.subset} features")
     split.flush("while extracting features")
     lost = [v.id for v in split.videos if not (folder / f"{v.id}.npy").exists()]
     if lost:  # broken videos (log.jsonl says why): skipped
@@ -692,15 +689,18 @@ def run(args, inputs):
     if args.stage == "detect":
         return stage_detect(args)
     rank, world, device = compute_init(args)
-    lock, caught = None, {s: signal.signal(s, lambda n, _: SIGNALS.append(n)) for s in (signal.SIGTERM, signal.SIGUSR1)}
+    out, lock = Path(args.out), None
+    caught = {s: signal.signal(s, lambda n, _: SIGNALS.append(n)) for s in (signal.SIGTERM, signal.SIGUSR1)}
     try:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        lock = data.hold(Path(args.out) / "lock") if rank == 0 else None  # the job's: rank 0 holds it
+        out.mkdir(parents=True, exist_ok=True)
+        lock = data.hold(out / "lock") if rank == 0 else None  # the job's: rank 0 holds it
         verdict = [None if lock or rank else f"--out {args.out}: another job is running in it (it holds "
                    f"{args.out}/lock)", args.resume, args.overwrite]
         if lock and inputs.restart and inputs.held:  # torchrun restarted a job: its own folder continues
-            ran = Path(args.out, "args.json")
-            if args.job and ran.is_file() and json.loads(ran.read_text()).get("job") == args.job:
+            ran = None  # (none, or unreadable: not this job's)
+            with contextlib.suppress(OSError, ValueError):
+                ran = json.loads((out / "args.json").read_text()).get("job")
+            if args.job not in (None, "none") and ran == args.job:  # ("none": torchrun without a run id)
                 verdict[1:] = "last.pt" in inputs.held, "last.pt" not in inputs.held
             elif not (args.resume or args.overwrite):
                 verdict[0] = inputs.occupied
@@ -710,10 +710,10 @@ def run(args, inputs):
             raise data.BadInput(verdict[0])
         args.resume, args.overwrite = verdict[1:]
         if rank == 0:
-            (Path(args.out) / "args.json").write_text(json.dumps(vars(args), indent=1))
             if not args.resume:  # a new run, or --overwrite (features stay: a keyed cache)
                 for name in ("last.pt", "log.jsonl", "missing.txt"):
-                    (Path(args.out) / name).unlink(missing_ok=True)
+                    (out / name).unlink(missing_ok=True)
+            data.atomic_save(out / "args.json", lambda f: f.write(json.dumps(vars(args), indent=1).encode()))
         dict(acp=stage_acp, lofi=stage_lofi, head=stage_head)[args.stage](args, inputs, rank, world, device)
     finally:  # (as it was, for this process's next run)
         if lock:

@@ -91,7 +91,7 @@ run() {  # run NAME ARGS...: one stage, on NPROC processes, timed; stop at the f
   if [ "$NPROC" -gt 1 ]; then cmd=(torchrun --standalone --nproc_per_node="$NPROC" lofi.py); else cmd=(python lofi.py); fi
   # bf16 runs the tiny preset 1.4-2.5x faster on CPUs with AVX512-BF16 (README)
   local src=(--videos "$VIDEOS"); [ -z "$STORE" ] || src=(--store "$STORE")
-  "${cmd[@]}" "$@" "${again[@]}" --preset "$PRESET" --anno "$ANNO" "${src[@]}" --seed "$SEED" $([ "$PRESET" = tiny ] && echo --amp) \
+  "${cmd[@]}" "$@" "${again[@]}" --preset "$PRESET" --anno "$ANNO" "${src[@]}" --seed "$SEED" $([ "$PRESET" = tiny ] && echo --amp) 9>&- \
     || { echo "train.sh: stage '$name' failed" >&2; exit 1; }
   echo "$name $((SECONDS - t0))" >> "$OUT/times.txt"
 }

@@ -497,21 +497,32 @@ AT_STEP = """
 import os, signal, sys, time
 from pathlib import Path
 sys.path.insert(0, sys.argv[1])
-import data, lofi
+import data, lofi, tsm
 rank, where, at, act, flag = sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5], Path(sys.argv[6])
-real_step, real_save, told = lofi.forward_step, data.atomic_save, []
+real_step, real_save, real_encode, told, encoded = lofi.forward_step, data.atomic_save, tsm.encode, [], []
 
 
-def forward_step(it, loss_fn, step, device, here, *rest):     # as fit() calls it (rest[-1]: lofi.SIGNALS)
+def now():                                                         # this rank, at its step
+    told.append(act)
+    if act == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
+        os.kill(os.getpid(), signal.SIGKILL)                     # a lost rank, the first time
+    if act == "wait":                                              # for the test's signal (or its go-ahead)
+        flag.touch()
+        while not lofi.SIGNALS and not flag.with_suffix(".go").exists():
+            time.sleep(0.005)
+
+
+def forward_step(it, loss_fn, step, device, here, *rest):         # as fit() calls it
     if os.environ.get("RANK", "0") == rank and where in here and step == at and not told:
-        told.append(act)
-        if act == "kill" and os.environ.get("TORCHELASTIC_RESTART_COUNT") == "0":
-            os.kill(os.getpid(), signal.SIGKILL)                 # a lost rank, the first time
-        if act == "wait":                                          # for the test's signal (or its go-ahead)
-            flag.touch()
-            while not rest[-1] and not flag.with_suffix(".go").exists():
-                time.sleep(0.005)
+        now()
     return real_step(it, loss_fn, step, device, here, *rest)
+
+
+def encode(encoder, frames):                                       # where "extract": its at-th batch
+    encoded.append(1)
+    if os.environ.get("RANK", "0") == rank and where == "extract" and len(encoded) == at + 1:
+        now()
+    return real_encode(encoder, frames)
 
 
 def atomic_save(path, write):                                      # a second signal while last.pt is written
@@ -522,14 +533,15 @@ def atomic_save(path, write):                                      # a second si
     real_save(path, with_a_signal if lofi.SIGNALS and path.name == "last.pt" else write)   # (after a first)
 
 
-lofi.forward_step, data.atomic_save = forward_step, atomic_save
+lofi.forward_step, data.atomic_save, tsm.encode = forward_step, atomic_save, encode
 lofi.main(sys.argv[7:])
 """
 
 
 def at_step(tmp_path, rank, where, step, act="wait"):
-    """The AT_STEP script's first arguments: rank `rank` of a lofi.py run, at `step` of the epoch `where` names,
-    waits for a signal (touching <tmp>/at_step, go on: <tmp>/at_step.go), or SIGKILLs itself."""
+    """The AT_STEP script's first arguments: rank `rank` of a lofi.py run, at `step` of the epoch `where` names
+    (where "extract": at its step-th batch of features), waits for a signal (touching <tmp>/at_step, go on:
+    <tmp>/at_step.go), or SIGKILLs itself."""
     (tmp_path / "at_step.py").write_text(AT_STEP)
     return [tmp_path / "at_step.py", ROOT, rank, where, step, act, tmp_path / "at_step"]
 
@@ -785,6 +797,21 @@ def test_two_ranks_write_the_single_process_features(synth, tmp_path):
     a, b = (sorted((tmp_path / d / "features").glob("*.npy")) for d in ("one", "two"))
     assert len(a) == 8 and [f.name for f in a] == [f.name for f in b]
     assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
+    # SIGTERM to rank 1 alone while it extracts: both ranks stop at that batch (exit 3); the files written
+    # stay, and the same command (--overwrite: no checkpoint yet) makes the rest, equal to those above.
+    procs = start_ranks([*at_step(tmp_path, "1", "extract", 1), *argv, "--batch-size", "2", "--out", tmp_path / "cut"],
+                        tmp_path / "logs1")
+    waiting(tmp_path, procs)
+    stop_by_signal(procs, procs[1].pid, tmp_path)
+    said = (tmp_path / "logs1" / "rank0.log").read_text()
+    assert "lofi.py: SIGTERM: stopped extracting training features; the same command with --overwrite" in said, said
+    assert len(list((tmp_path / "cut" / "features").glob("*.npy"))) == 4      # 2 batches a rank, the 2nd its last
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--batch-size", "2", "--out", tmp_path / "cut", "--overwrite"],
+                            tmp_path / "logs2")
+    assert codes == [0, 0], errs[0][-3000:]
+    c = sorted((tmp_path / "cut" / "features").glob("*.npy"))
+    assert [f.name for f in c] == [f.name for f in a]
+    assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, c))
 
 
 # ---------------- stage 3 on precomputed features
