@@ -508,7 +508,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device):
     print0(f"{split.subset} features: {len(split.videos) - len(todo)} in {folder} already, {len(todo)} to extract")
     per, error = max(1, args.batch_size // world), None
     it = iter(in_order(args, inputs, split, device, todo, per, rank, world))
-    for _ in range(-(-len(range(0, len(todo), world)) // per)):  # rank 0's batches, the most: a check each
+    for _ in range(max(1, -(-len(range(0, len(todo), world)) // per))):  # rank 0's count (1+: RNG draws alike)
         try:
             if (batch := next(it, None)) is not None:  # (None: this rank's are done)
                 with autocast(args, device):

@@ -762,7 +762,7 @@ def test_the_design_card_command_finds_train_sh_outputs(tmp_path, monkeypatch):
 
 def test_killed_feature_extraction_resumes_from_its_files(synth, tmp_path, monkeypatch):
     """Stage 3 writes one feature file a video as it goes: a run killed after 4 videos leaves 4 files,
-    the next run computes only the other videos, and every file equals an uninterrupted run's."""
+    the next run computes only the other videos, and every file and the head equal an uninterrupted run's."""
     argv = ["--stage", "head", *SMALL, *synth, "--epochs", "1", "--batch-size", "1"]
     lofi.main([*argv, "--out", str(tmp_path / "straight")])
     real, calls = tsm.encode, []
@@ -782,6 +782,13 @@ def test_killed_feature_extraction_resumes_from_its_files(synth, tmp_path, monke
     a, b = (sorted((tmp_path / d / "features").glob("*.npy")) for d in ("straight", "killed"))
     assert len(calls) == len(a) - 4 == 4 and [f.name for f in a] == [f.name for f in b]
     assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
+    # Its head, and the head of a run that finds every file there, equal the uninterrupted run's.
+    same = lambda: all(torch.equal(params(tmp_path / "straight" / "last.pt", "head")[k], v)
+                       for k, v in params(tmp_path / "killed" / "last.pt", "head").items())
+    assert same()
+    calls.clear()
+    lofi.main([*argv, "--out", str(tmp_path / "killed"), "--overwrite"])
+    assert calls == [] and same()
 
 
 def test_two_ranks_write_the_single_process_features(synth, tmp_path):
