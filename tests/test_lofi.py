@@ -783,8 +783,8 @@ def test_killed_feature_extraction_resumes_from_its_files(synth, tmp_path, monke
     assert len(calls) == len(a) - 4 == 4 and [f.name for f in a] == [f.name for f in b]
     assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
     # Its head, and the head of a run that finds every file there, equal the uninterrupted run's.
-    same = lambda: all(torch.equal(params(tmp_path / "straight" / "last.pt", "head")[k], v)
-                       for k, v in params(tmp_path / "killed" / "last.pt", "head").items())
+    head = params(tmp_path / "straight" / "last.pt", "head")
+    same = lambda: all(torch.equal(head[k], v) for k, v in params(tmp_path / "killed" / "last.pt", "head").items())
     assert same()
     calls.clear()
     lofi.main([*argv, "--out", str(tmp_path / "killed"), "--overwrite"])
