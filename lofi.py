@@ -310,7 +310,7 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
                 data.atomic_save(path, lambda f: torch.save(state, f))
             except (OSError, RuntimeError) as e:  # (torch.save wraps a disk's OSError)
                 raise data.BadInput(f"{path}: not written ({e.__context__ or e}); the previous one is intact") from None
-    raw, stop = model.module if isinstance(model, DDP) else model, 0
+    raw = model.module if isinstance(model, DDP) else model
     for epoch in range(start, args.epochs):
         t0 = time.time()
         skip = first if epoch == start else 0  # > 0: resumed inside this epoch

@@ -221,8 +221,8 @@ def load_state(model, state, source):
 
 
 def read_checkpoint(path):
-    """torch.load(path) to the CPU, tensors only (weights_only); a file missing or unreadable -> FileNotFoundError
-    or ValueError, naming it."""
+    """The file's tensors, loaded to the CPU with weights_only=True (no pickled code runs); a file missing or
+    unreadable -> FileNotFoundError or ValueError, naming it."""
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
     try:
@@ -399,6 +399,7 @@ def training_memory(depth, frames, fid, device, checkpoint, amp, snippets):
     head = gtad.GTADConfig(feat_dim=2048 if depth == 50 else 512)  # the encoder's D
     per_video, head_fixed = gtad.video_memory(head, fid.L, device, amp, step_memory)
     return per_snippet * fid.L + per_video, fixed + head_fixed
+
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Check that a weights file loads into TSM.")
