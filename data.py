@@ -268,6 +268,14 @@ def snippet_indices(num_frames, L, F=8, stride=8):
     return np.clip(idx, 0, num_frames - 1)
 
 
+def dense_indices(n, F=8, stride=8, feat_stride=64):
+    """Frame indices (T, F) int64 of snippets k spanning num_frames = F x stride frames from k x feat_stride, the
+    fewest that reach frame n - 1: T = 1 + max(0, ceil((n - num_frames) / feat_stride)) (past it, the last repeats)."""
+    T = 1 + max(0, -(-(n - F * stride) // feat_stride))
+    idx = feat_stride * np.arange(T, dtype=np.int64)[:, None] + stride * np.arange(F, dtype=np.int64)[None, :]
+    return np.minimum(idx, n - 1)                                                            # (T, F)
+
+
 def clip_indices(first, end, u, F, stride):
     """F frames at a stride in the instance [first, end): centred, shifted by (u - 0.5) times the room left."""
     centre = (first + end) / 2 + (u - 0.5) * max(0, end - first - F * stride)
@@ -279,12 +287,6 @@ def instance_frames(segment, n, fps):
     """An instance (start, end) in seconds -> its frames [first, end) in a video of n frames at fps."""
     first = min(int(segment[0] * fps), n - 1)
     return first, max(first + 1, min(n, math.ceil(segment[1] * fps)))
-
-
-def read_snippets(path, full, F=8, stride=8):
-    """One video file at a fidelity -> (uint8 tensor (L, F, 3, H, W), duration in seconds)."""
-    frames, n, fps = read_video(path, lambda n, fps: snippet_indices(n, full.L, F, stride), (full.H, full.W))
-    return torch.from_numpy(frames), n / fps
 
 
 # ---------------- frame store
@@ -339,7 +341,7 @@ class FrameStore:
         return None if have == want else f"prepared for {have}, this run needs {want}: prepare a store for it"
 
     def read(self, vid, index_fn, size):
-        """As read_video, at H x W: -> (*idx.shape, 3, H, W) RGB uint8."""
+        """As read_video, at H x W: -> (frames (*idx.shape, 3, H, W) RGB uint8, n, fps) as prepared."""
         r, side, jpg, (H, W) = self.records[vid], self.config["size"], self.root / f"{vid}.jpg", size
         wanted, arrange = unique_frames(index_fn(r["frames"], r["fps"]))
         index = np.load(self.root / f"{vid}.idx.npy")                                          # (K, 3)
@@ -365,7 +367,7 @@ class FrameStore:
                 if img.shape[:2] != (H, W):
                     img = cv2.resize(img, (W, H), interpolation=cv2.INTER_LINEAR)
                 out[j] = img.transpose(2, 0, 1)[::-1]
-        return arrange(out)
+        return arrange(out), r["frames"], r["fps"]
 
 
 def atomic_save(path, write):
@@ -521,7 +523,7 @@ class _Videos(torch.utils.data.Dataset):
         if errors:
             raise BadInput(f"{len(errors)} data problem(s); all of them: `python data.py check`\n"
                            + "\n".join(errors[:20]))
-        self.paths = [files[v.id] for v in self.videos]
+        self.paths, self.video_of = [files[v.id] for v in self.videos], range(len(self.videos))   # (clips: their own)
 
     def __len__(self):
         return len(self.video_of)
@@ -542,45 +544,46 @@ class _Videos(torch.utils.data.Dataset):
     def _read(self, i, index_fn, size, seek_first=False):
         if self.store:
             return self.store.read(self.videos[i].id, index_fn, size)
-        return read_video(self.paths[i], index_fn, size, seek_first)[0]
+        return read_video(self.paths[i], index_fn, size, seek_first)
 
 
 class TALDataset(_Videos):
-    """(index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments (N, 2) in
-    [0, 1], labels, id, duration, fidelity, replaced)."""
+    """(index, Fidelity), or an index at full fidelity -> dict(frames uint8 (L, F, 3, H, W), segments (N, 2) in [0, 1],
+    labels, id, duration, fidelity, replaced, n, fps); feat_stride: frames (K, 3, H, W) of np.unique(dense_indices)."""
 
-    def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224)):
+    def __init__(self, videos, source, F, stride, full=Fidelity(100, 224, 224), feat_stride=None):
         super().__init__(videos, source)
-        self.F, self.stride, self.full, self.video_of = F, stride, full, range(len(self.videos))
+        self.F, self.stride, self.full, self.feat_stride = F, stride, full, feat_stride
 
     def _item(self, index, fid=None):
         v, fid = self.videos[index], fid or self.full
-        index_fn = lambda n, fps: snippet_indices(n, fid.L, self.F, self.stride)
+        index_fn = lambda n, fps: np.unique(dense_indices(n, self.F, self.stride, self.feat_stride)) \
+            if self.feat_stride else snippet_indices(n, fid.L, self.F, self.stride)
         # The store decodes at H x W; a file at the full one, a lower fidelity resized from it (INTER_AREA a plane).
-        frames = self._read(index, index_fn, (fid.H, fid.W) if self.store else (self.full.H, self.full.W))
+        frames, n, fps = self._read(index, index_fn, (fid.H, fid.W) if self.store else (self.full.H, self.full.W))
         if frames.shape[-2:] != (fid.H, fid.W):
             planes = frames.reshape(-1, *frames.shape[-2:])                                 # (L * F * 3, H0, W0)
             out = np.stack([cv2.resize(p, (fid.W, fid.H), interpolation=cv2.INTER_AREA) for p in planes])
             frames = out.reshape(*frames.shape[:-2], fid.H, fid.W)                          # (L, F, 3, H, W)
         return dict(frames=torch.from_numpy(frames), segments=normalised_segments(v), labels=list(v.labels),
-                    id=v.id, duration=v.duration, fidelity=fid)
+                    id=v.id, duration=v.duration, fidelity=fid, n=n, fps=fps)
 
 
 def collate(batch):
     """Items of either dataset -> dict(frames uint8 (B, ...), ids, replaced; clips: labels int64 (B,); videos:
-    segments [(N, 2)], durations float64 (B,) and the batch's one fidelity, as Batches gives it)."""
+    segments [(N, 2)], durations float64 (B,), the batch's one fidelity (as Batches gives it), n and fps)."""
     # default_collate stacks straight into shared memory inside a worker: one copy less per batch.
     out = dict(frames=torch.utils.data.default_collate([b["frames"] for b in batch]), ids=[b["id"] for b in batch],
                replaced=[r for b in batch for r in b["replaced"]])
     if "label" in batch[0]:                                                              # clips
         return dict(out, labels=torch.tensor([b["label"] for b in batch]))
-    durations = torch.tensor([b["duration"] for b in batch], dtype=torch.float64)
-    return dict(out, segments=[b["segments"] for b in batch], durations=durations, fidelity=batch[0]["fidelity"])
+    return dict(out, segments=[b["segments"] for b in batch], fidelity=batch[0]["fidelity"], counts=[
+        (b["n"], b["fps"]) for b in batch], durations=torch.tensor([b["duration"] for b in batch], dtype=torch.float64))
 
 
 class ClipDataset(_Videos):
     """Stage 1 (ACP+): F frames at a stride inside one action instance -> dict(frames uint8 (F, 3, H, W), label, id,
-    replaced), placed by (seed, epoch, index) when training, else centred."""
+    replaced), placed by (seed, `epoch`, index) when training, else centred."""
 
     def __init__(self, videos, source, classes, F, stride, size=(224, 224), train=True, seed=0, augment=True):
         super().__init__(videos, source, classes)
@@ -589,14 +592,11 @@ class ClipDataset(_Videos):
         self.classes, self.F, self.stride, self.size = list(classes), F, stride, tuple(size)
         self.train, self.seed, self.augment, self.epoch = train, seed, augment, 0
 
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
     def _item(self, k):
         (i, j), rng = self.items[k], lambda *key: np.random.default_rng([self.seed, self.epoch, k, *key])
         v, u = self.videos[i], rng().random() if self.train else 0.5
         index_fn = lambda n, fps: clip_indices(*instance_frames(v.segments[j], n, fps), u, self.F, self.stride)
-        frames = self._read(i, index_fn, self.size, seek_first=True)                        # (F, 3, H, W)
+        frames = self._read(i, index_fn, self.size, seek_first=True)[0]                     # (F, 3, H, W)
         if self.train and self.augment:
             frames = augment_clip(frames, rng(1))
         return dict(frames=torch.from_numpy(frames), label=self.classes.index(v.labels[j]), id=v.id)

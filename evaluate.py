@@ -404,12 +404,12 @@ def proposal_recall(gt, pred, subset="validation", blocked=()):
             "AR@100": float(ar[99]), "AUC": float(100.0 * auc / an[-1])}
 
 
-def run_metrics(gt, pred, out, subset="validation"):
-    """mAP at every tIoU threshold and their average, as a dict, also written as JSON to `out`. No
-    detection at all (a head that scores everything 0) is an average mAP of 0, not bad input."""
+def run_metrics(gt, pred, out, subset="validation", blocked=()):
+    """mAP at every tIoU threshold and their average, as a dict, also written as JSON to `out`, on the videos
+    not `blocked`. No detection at all (a head that scores everything 0) is an average mAP of 0, not bad input."""
     results = json.loads(Path(pred).read_text())["results"]
-    if any(results.values()):
-        per_tiou, average = detection_map(gt, pred, subset=subset)
+    if any(found for vid, found in results.items() if normalise_id(vid) not in blocked):
+        per_tiou, average = detection_map(gt, pred, subset=subset, blocked=blocked)
     else:
         print("warning: no detections for any video", flush=True)
         per_tiou, average = np.zeros(len(THRESHOLDS)), 0.0

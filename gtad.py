@@ -20,6 +20,7 @@ Fused vs unfused, one forward + backward (model + loss) at B = 4, L = 100, feat 
 peak memory 278 MB vs 4,418 MB and 0.88 s vs 16.3 s on a 2-core CPU (torch 2.14);
 339 MB vs 4,400 MB and 38 ms vs 44 ms on one H200 (torch 2.11).
 """
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass
@@ -450,18 +451,28 @@ def write_video_scores(path, scores, names):
 
 
 # ---------------- per-video features
-def rescale(x, L):
-    """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples
-    the input at position (i + 0.5) T / L - 0.5, clamped to [0, T - 1] (F.interpolate's align_corners=
-    False rule: bin centres map to bin centres, and T = L is the identity)."""
-    return F.interpolate(x[None], size=L, mode="linear", align_corners=False)[0]
+def rescale(x, L, scale=None, offset=0.5):
+    """(D, T) features -> (D, L) by linear interpolation between the T snippet centres: output i samples the
+    input at position (i + 0.5) scale - offset, clamped to [0, T - 1]. By default scale = T / L: T snippets
+    tiling the video (F.interpolate's align_corners=False rule; T = L is the identity)."""
+    T = x.shape[1]
+    u = ((torch.arange(L, dtype=torch.float64) + 0.5) * (T / L if scale is None else scale) - offset).clamp(0, T - 1)
+    lo = u.floor().long()                                                                     # (L,)
+    w = (u - lo).to(x.dtype)
+    return x[:, lo] * (1 - w) + x[:, (lo + 1).clamp(max=T - 1)] * w                          # (D, L)
 
 
 def read_features(folder, videos, L):
     """Per-video features, one <id>.npy or v_<id>.npy of shape (T, D) a video (T snippets in time order
     covering the video; any T, one D) -> dict id -> (D, L), rescaled and layer-normalised as
-    snippet_features does it. Every video needs its file."""
-    feats, first, missing = {}, None, []                   # first: (D, path) of the first file read
+    snippet_features does it. Every video needs its file. With a features.json of feat_stride, num_frames
+    and each video's frames n (lofi.py --stage extract), the L bins tile those n frames: bin i samples the
+    snippet position ((i + 0.5) n / L - num_frames / 2) / feat_stride, where snippet k spans frames from k
+    feat_stride; without it, (i + 0.5) T / L - 0.5 (T snippets tiling the video)."""
+    feats, first, missing, index = {}, None, [], {}           # first: (D, path) of the first file read
+    with contextlib.suppress(OSError, ValueError):
+        index = json.loads((Path(folder) / "features.json").read_text())
+    stride, span = index.get("feat_stride"), index.get("num_frames")
     for v in videos:
         path = next((p for p in (Path(folder) / f"{v.id}.npy", Path(folder) / f"v_{v.id}.npy") if p.is_file()), None)
         if path is None:
@@ -476,12 +487,33 @@ def read_features(folder, videos, L):
         first = first or (x.shape[1], path)
         if x.shape[1] != first[0]:
             raise ValueError(f"{path}: D = {x.shape[1]}, but {first[1]} has D = {first[0]}")
-        y = rescale(torch.from_numpy(x.astype(np.float32)).T, L)                              # (D, L)
+        n = index.get("videos", {}).get(v.id, {}).get("frames") if stride else None
+        where = [n / (L * stride), span / (2 * stride)] if n else []                         # (scale, offset)
+        y = rescale(torch.from_numpy(x.astype(np.float32)).T, L, *where)                     # (D, L)
         feats[v.id] = F.layer_norm(y.T, y.shape[:1]).T.contiguous()                           # (D, L)
     if missing:
         raise ValueError(f"--features {folder}: no <id>.npy or v_<id>.npy for {len(missing)} video(s): "
                             + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     return feats
+
+
+def open_features(folder, layout, overwrite=False):
+    """A folder of v_<id>.npy for features of `layout` (the entries of its features.json) -> the videos it holds,
+    id -> their record. One of another layout: ValueError naming the difference, or (overwrite) emptied."""
+    folder, held = Path(folder), None
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        held = json.loads((folder / "features.json").read_text())
+    except (OSError, ValueError):  # none yet (or unreadable: its files are of no known layout)
+        pass
+    other = held and {k: held.get(k) for k in layout if held.get(k) != layout[k]}
+    if other and not overwrite:
+        raise ValueError(f"{folder / 'features.json'}: features of another layout ({other}); --overwrite replaces them")
+    if other or held is None:
+        for f in folder.glob("v_*.npy"):
+            f.unlink()
+        return {}
+    return {k: v for k, v in held["videos"].items() if (folder / f"v_{k}.npy").exists()}
 
 
 # ---------------- video-level classes (spec §5.6)

@@ -401,6 +401,30 @@ def training_memory(depth, frames, fid, device, checkpoint, amp, snippets):
     return per_snippet * fid.L + per_video, fixed + head_fixed
 
 
+
+def memory_plan(depth, frames, fidelities, device, checkpoint=False, amp=False, budget_gb=None):
+    """training_memory for each (name, data.Fidelity) -> rows: MiB a video adds, fixed MiB, the ratio to the first
+    fidelity's; with budget_gb, the videos a device of that memory fits, with and without checkpoint and amp."""
+    rows, ref, k = [], {}, 25 if device.type == "cuda" else 4  # the encoder measured on k and 2k snippets
+    variants = [(c, a) for c in (False, True) for a in (False, True)] if budget_gb else [(checkpoint, amp)]
+    for name, fid in fidelities:
+        for ckpt, amp in variants:
+            per_video, fixed = (x / 2**20 for x in training_memory(depth, frames, fid, device, ckpt, amp, k))
+            rows.append(dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, mib_per_video=per_video,
+                             fixed_mib=fixed, ratio=per_video / ref.setdefault((ckpt, amp), per_video)))
+            if budget_gb:
+                rows[-1]["fits"] = max(0, int((budget_gb * 1024 - fixed) // per_video))
+    return rows
+
+
+def plan_table(rows):
+    """memory_plan's rows as a Markdown table."""
+    head = ["| config | L x H x W | ckpt | amp | MiB / video | x full | fixed MiB | fits |", "|---" * 8 + "|"]
+    return "\n".join(head + [
+        f"| {r['config']} | {r['fidelity']} | {r['checkpoint']} | {r['amp']} | {r['mib_per_video']:.0f} | "
+        f"{r['ratio']:.2f} | {r['fixed_mib']:.0f} | {r.get('fits', '-')} |" for r in rows])
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Check that a weights file loads into TSM.")
     parser.add_argument("path", help="official TSM .pth, torchvision state dict or lofi.py checkpoint")

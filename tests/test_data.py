@@ -169,9 +169,9 @@ def test_decoded_frames_are_the_frames_at_the_indices(tmp_path):
     frames, n, fps = data.read_video(path, lambda n, fps: data.snippet_indices(n, 7, F=3, stride=4), (32, 32))
     assert (n, fps) == (90, 10) and frames.shape == (7, 3, 3, 32, 32) and frames.dtype == np.uint8
     np.testing.assert_array_equal(read_counter(frames), data.snippet_indices(90, 7, F=3, stride=4))
-    clip, duration = data.read_snippets(path, Fidelity(5, 32, 32), F=2, stride=3)
-    assert clip.shape == (5, 2, 3, 32, 32) and duration == 9.0
-    np.testing.assert_array_equal(read_counter(clip.numpy()), data.snippet_indices(90, 5, 2, 3))
+    clip, n, fps = data.read_video(path, lambda n, fps: data.snippet_indices(n, 5, 2, 3), (32, 32))
+    assert clip.shape == (5, 2, 3, 32, 32) and n / fps == 9.0
+    np.testing.assert_array_equal(read_counter(clip), data.snippet_indices(90, 5, 2, 3))
 
 
 @pytest.mark.parametrize("fourcc, ext", [("mp4v", "mp4"), ("MJPG", "avi")])
@@ -599,7 +599,8 @@ def test_broken_videos_are_replaced_by_the_next_with_a_record(synth_set, tmp_pat
     assert first["id"] == second["id"] == ids[2]
     assert [r["id"] for r in first["replaced"]] == ids[:2] and [r["id"] for r in second["replaced"]] == ids[1:2]
     assert all(r["by"] == ids[2] and r["id"] in r["reason"] for r in first["replaced"])
-    frames, _ = data.read_snippets(tmp_path / f"{ids[2]}.mp4", TINY, 4, 2)                # the replacement, directly
+    frames = torch.from_numpy(data.read_video(tmp_path / f"{ids[2]}.mp4", lambda n, fps: data.snippet_indices(
+        n, TINY.L, 4, 2), (TINY.H, TINY.W))[0])                                          # the replacement, directly
     assert torch.equal(first["frames"], frames) and torch.equal(ds[2]["frames"], frames) and ds[2]["replaced"] == []
     torch.testing.assert_close(first["segments"], data.normalised_segments(videos[ids[2]]))
     batch = data.collate([ds[1], ds[3]])
@@ -627,13 +628,13 @@ def test_clip_dataset(synth_set):
     assert classes[label] == train.videos[train.items[0][0]].labels[train.items[0][1]]
     draws = []
     for epoch in (0, 0, 1):
-        train.set_epoch(epoch)
+        train.epoch = epoch
         draws.append(torch.stack([train[k]["frames"] for k in range(len(train))]))
     assert torch.equal(draws[0], draws[1]) and not torch.equal(draws[0], draws[2])
     val = data.ClipDataset(videos, synth_set / "videos", classes, 4, 2, size=(32, 32), train=False)
-    val.set_epoch(3)
+    val.epoch = 3
     first = val[0]["frames"]
-    val.set_epoch(0)
+    val.epoch = 0
     assert torch.equal(first, val[0]["frames"])
     with pytest.raises(ValueError, match="not a training class"):
         data.ClipDataset(videos, synth_set / "videos", classes[:1], 4, 2)

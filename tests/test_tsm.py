@@ -295,7 +295,7 @@ def test_shift_learns_motion_that_tsn_cannot(tmp_path):
     def clips(subset, draws):                      # random clip positions, loaded once, and the reversals
         ds = data.ClipDataset([v for v in videos if v.subset == subset], tmp_path / "videos", ["fall", "rise"],
                               2, 4, size=(32, 32), train=True, seed=1, augment=subset == "training")
-        items = [ds[k] for e in range(draws) if ds.set_epoch(e) is None for k in range(len(ds))]
+        items = [ds[k] for e in range(draws) if setattr(ds, "epoch", e) is None for k in range(len(ds))]
         x, y = torch.stack([i["frames"] for i in items]), torch.tensor([i["label"] for i in items])  # (N, 2, 3, 32, 32)
         return torch.cat([x, x.flip(1)]), torch.cat([y, 1 - y])
     (x_train, y_train), (x_val, y_val) = clips("training", 4), clips("validation", 2)

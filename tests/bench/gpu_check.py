@@ -224,7 +224,7 @@ def extraction(g, preset, nets, device, work):
     split = lofi.videos_of(args, inputs, "training")
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
-        lofi.extract_features(args, inputs, nets[False][0].encoder.eval(), split, 0, 1, device)
+        lofi.extract_features(args, inputs, nets[False][0].encoder.eval(), split, 0, 1, device, work / "features")
     out["files_videos_per_s"] = len(split.videos) / (time.perf_counter() - t0)
     return out
 
