@@ -474,7 +474,7 @@ def read_features(folder, videos, L):
         index = json.loads((Path(folder) / "features.json").read_text())
     stride, span = index.get("feat_stride"), index.get("num_frames")
     for v in videos:
-        path = next((p for p in (Path(folder) / f"{v.id}.npy", Path(folder) / f"v_{v.id}.npy") if p.is_file()), None)
+        path = next((p for p in (Path(folder) / f"v_{v.id}.npy", Path(folder) / f"{v.id}.npy") if p.is_file()), None)
         if path is None:
             missing.append(v.id)
             continue
@@ -488,32 +488,52 @@ def read_features(folder, videos, L):
         if x.shape[1] != first[0]:
             raise ValueError(f"{path}: D = {x.shape[1]}, but {first[1]} has D = {first[0]}")
         n = index.get("videos", {}).get(v.id, {}).get("frames") if stride else None
+        if stride and n is None:  # a file the extraction did not record (killed before it saved): unfinished
+            missing.append(v.id)
+            continue
         where = [n / (L * stride), span / (2 * stride)] if n else []                         # (scale, offset)
         y = rescale(torch.from_numpy(x.astype(np.float32)).T, L, *where)                     # (D, L)
         feats[v.id] = F.layer_norm(y.T, y.shape[:1]).T.contiguous()                           # (D, L)
     if missing:
-        raise ValueError(f"--features {folder}: no <id>.npy or v_<id>.npy for {len(missing)} video(s): "
-                            + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
+        raise ValueError(f"--features {folder}: no <id>.npy or v_<id>.npy (or no record in its features.json) for "
+                         f"{len(missing)} video(s): " + ", ".join(missing[:10]) + (" ..." if len(missing) > 10 else ""))
     return feats
 
 
-def open_features(folder, layout, overwrite=False):
-    """A folder of v_<id>.npy for features of `layout` (the entries of its features.json) -> the videos it holds,
-    id -> their record. One of another layout: ValueError naming the difference, or (overwrite) emptied."""
-    folder, held = Path(folder), None
+def open_features(folder, layout, write, overwrite=False):
+    """A folder for v_<id>.npy features of `layout` (the entries of its features.json) -> its index: the layout,
+    `videos` (id -> record) that have a file, `broken` (id -> why none). Another layout, an unreadable index or
+    .npy files without one: ValueError saying so, or (overwrite) its .npy files deleted. A new index is written
+    at once with write(path, fn) (an atomic writer), so that a kill leaves files of a known layout."""
+    folder, path = Path(folder), Path(folder) / "features.json"
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        held = json.loads((folder / "features.json").read_text())
-    except (OSError, ValueError):  # none yet (or unreadable: its files are of no known layout)
-        pass
-    other = held and {k: held.get(k) for k in layout if held.get(k) != layout[k]}
+        held = json.loads(path.read_text()) if path.exists() else None
+        other = held and {k: held.get(k) for k in layout if held.get(k) != layout[k]}
+        if held is not None and not (isinstance(held.get("videos"), dict) and isinstance(held.get("broken"), dict)):
+            raise ValueError("no 'videos' and 'broken' objects")
+    except (OSError, ValueError, AttributeError) as e:  # (AttributeError: not a JSON object)
+        held, other = None, f"unreadable ({type(e).__name__}: {e})"
+    if held is None and not other and any(folder.glob("*.npy")):
+        other = "no such file, but .npy files of an unknown layout beside it"
     if other and not overwrite:
-        raise ValueError(f"{folder / 'features.json'}: features of another layout ({other}); --overwrite replaces them")
+        why = other if isinstance(other, str) else f"features of another layout (it has {other})"
+        raise ValueError(f"{path}: {why}; --overwrite deletes the .npy files")
     if other or held is None:
-        for f in folder.glob("v_*.npy"):
+        for f in folder.glob("*.npy"):
             f.unlink()
-        return {}
-    return {k: v for k, v in held["videos"].items() if (folder / f"v_{k}.npy").exists()}
+        held = dict(layout, videos={}, broken={})
+        write(path, lambda f: f.write(json.dumps(held).encode()))
+    held["videos"] = {k: v for k, v in held["videos"].items() if (folder / f"v_{k}.npy").exists()}
+    return held
+
+
+def save_features(folder, index, ids, write):
+    """A feature folder's features.json (`index`) and missing_files.txt: the `ids` without a file, OpenTAD's
+    block list; each by write(path, fn), an atomic writer."""
+    write(Path(folder) / "features.json", lambda f: f.write(json.dumps(index).encode()))
+    write(Path(folder) / "missing_files.txt", lambda f: f.write("".join(
+        f"{k}\n" for k in sorted(ids) if k not in index["videos"]).encode()))
 
 
 # ---------------- video-level classes (spec §5.6)

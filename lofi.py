@@ -170,7 +170,8 @@ def check_inputs(p, args):
     inputs.held, inputs.occupied = held, f"--out {args.out}: holds a run ({', '.join(held)}, last logged epoch " \
         f"{(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again"
     need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
-    need(not held or args.resume or args.overwrite or inputs.restart or args.stage == "extract", inputs.occupied)
+    need(not held or args.resume or args.overwrite or inputs.restart or args.stage == "extract" and "last.pt" not in
+         held, inputs.occupied)  # (extract: a rerun continues; never over a checkpoint)
     need(not args.resume or "last.pt" in held, f"--resume: no checkpoint at {args.out}/last.pt")
     try:
         inputs.videos = data.read_annotations(args.anno)[0]
@@ -255,9 +256,8 @@ def forward_step(it, loss_fn, step, device, where="", amp=contextlib.nullcontext
 
 def ddp(net, device):
     """DDP without buffer broadcasts (fit broadcasts BatchNorm statistics at epoch ends)."""
-    if not dist.is_initialized():
-        return net
-    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+    return DDP(net, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False) \
+        if dist.is_initialized() else net
 
 
 def autocast(args, device):
@@ -373,8 +373,7 @@ def fit(args, name, model, opt, sched, sampler, load, loss_fn, device, parts=Non
 
 # ---------------- data
 def videos_of(args, inputs, subset):
-    """data.Split of a subset: the videos with a file (with --features: a feature file); a record in <out> of
-    the others, and of those that fail to decode."""
+    """data.Split of a subset: the videos with a file (--features: a feature file), a record in <out> of the rest."""
     names = {n for p in Path(args.features).glob("*.npy") for n in (p.stem, p.stem.removeprefix("v_"))} \
         if args.features else inputs.store.ready if inputs.store else data.video_files(args.videos)
     return data.Split(inputs.videos, subset, names, args.features or args.store or args.videos, args.out,
@@ -399,18 +398,17 @@ def loader(dataset, sampler, args, device):
                       collate_fn=data.collate, pin_memory=device.type == "cuda")
 
 
-def in_order(args, split, device, dataset, rank=0, world=1):
-    """A split's `dataset` a video a batch in order, rank r its stride; a broken one's place: the next (recorded)."""
-    for batch in progress(loader(dataset, data.Batches(len(dataset), 1, rank, world, train=False), args, device),
-                          split.subset):
+def in_order(args, split, device, dataset, rank=0, world=1, n=None):
+    """A split's `dataset` (its first n) a video a batch in order, rank r its stride; a broken one's: the next."""
+    batches = data.Batches(len(dataset) if n is None else n, 1, rank, world, train=False)
+    for batch in progress(loader(dataset, batches, args, device), split.subset):
         split.pending += batch["replaced"]
         yield batch
 
 
 def optimizer(args, params, adam_decay, momentum):
-    if args.optim == "adam":
-        return torch.optim.AdamW(params, lr=args.lr, weight_decay=adam_decay)
-    return torch.optim.SGD(params, lr=args.lr, momentum=momentum, weight_decay=1e-4)
+    return torch.optim.AdamW(params, lr=args.lr, weight_decay=adam_decay) if args.optim == "adam" else \
+        torch.optim.SGD(params, lr=args.lr, momentum=momentum, weight_decay=1e-4)
 
 
 # ---------------- models
@@ -499,47 +497,49 @@ def stage_lofi(args, inputs, rank, world, device):
 # ---------------- stage 3: head
 @torch.no_grad()
 def extract_features(args, inputs, encoder, split, rank, world, device, folder):
-    """Features (T, D) of a split's videos as <folder>/v_<id>.npy, a video a step on each rank (a stride each): T =
-    --snippets (stage 3, a store) or every snippet of the decoded video (--feat-stride: data.dense_indices), one encoder
-    pass each. features.json: the layout, encoder, each video's decoded frames and fps, saved every --save-every (100)
-    steps (what a kill loses) and at the end; missing_files.txt: the videos of --anno without a file."""
+    """Features (T, D) of a split's videos as <folder>/v_<id>.npy, a video a step on each rank, longest first (a step's
+    take alike): T = --snippets (stage 3, a store) or every snippet of the decoded video (--feat-stride: dense_indices),
+    one encoder pass each. features.json: the layout, encoder, each video's frames and fps (or why it has no file),
+    saved every --save-every (100) steps and at a stop or the end; missing_files.txt: --anno's videos without one."""
     folder, init = Path(folder), Path(args.init)
     stamp = [str(init.resolve()), init.stat().st_size, init.stat().st_mtime_ns] if init.is_file() else args.init
     layout = dict(feat_stride=args.feat_stride, num_frames=args.frames * args.stride, snippets=None if args.feat_stride
                   else args.snippets, dtype=["float32", "float16"][args.float16], source=["videos", "store"][
                   bool(args.store)], encoder=dict(init=stamp, stage=(inputs.init or {}).get("stage", args.init)),
                   **{k: getattr(args, k) for k in ("frames", "stride", "size", "depth", "bn_recal", "seed", "amp")})
-    done = [None]  # id -> frames, fps, duration, T of the videos with a file; a string: why the folder is refused
+    held = [None]  # the folder's index (gtad.open_features), or why it is refused
     if rank == 0:
         try:
-            done = [gtad.open_features(folder, layout, args.overwrite)]
-        except ValueError as e:
-            done = [str(e)]
+            held = [gtad.open_features(folder, layout, data.atomic_save, args.overwrite)]
+        except (OSError, ValueError) as e:
+            held = [str(e)]
     if world > 1:
-        dist.broadcast_object_list(done, src=0)
-    if isinstance(done := done[0], str):
-        raise data.BadInput(done)
-    todo = [v for v in split.videos if v.id not in done]
+        dist.broadcast_object_list(held, src=0)
+    if isinstance(held := held[0], str):
+        raise data.BadInput(held)
+    done, broken = held["videos"], held["broken"]  # id -> frames, fps, duration, T; id -> why it has no file
+    split.broken.update({v.id: dict(id=v.id, reason=broken[v.id]) for v in split.videos if v.id in broken})
+    todo = sorted((v for v in split.videos if v.id not in {**done, **broken}), key=lambda v: -v.duration)
     print0(f"{split.subset} features: {len(split.videos) - len(todo)} in {folder} already, {len(todo)} to extract")
-
-    def save():  # (rank 0)
-        data.atomic_save(folder / "features.json", lambda f: f.write(json.dumps(dict(layout, videos=done)).encode()))
-        data.atomic_save(folder / "missing_files.txt", lambda f: f.write("".join(
-            f"{k}\n" for k in sorted(inputs.videos) if k not in done).encode()))
+    save = lambda: gtad.save_features(folder, held, inputs.videos, data.atomic_save)  # (on rank 0)
 
     def one(batch):  # -> (a finite stand-in loss, {id: its record}); None: this rank's are done
+        if rank == 0 and step and step % (args.save_every or 100) == 0:
+            save()  # (the steps before this one; an error stops every rank)
         if batch is None:
             return torch.zeros((), device=device), {}
-        (n, fps), frames = batch["counts"][0], batch["frames"][0]  # (L, F, 3, H, W), or unique (K, 3, H, W):
-        if args.feat_stride:  # -> (T, F, 3, H, W)
-            idx = data.dense_indices(n, args.frames, args.stride, args.feat_stride)
-            frames = frames[torch.from_numpy(np.searchsorted(np.unique(idx), idx))]
-        x = torch.cat([tsm.encode(encoder, frames[t:t + args.snippets][None].to(device))[0]
-                       for t in range(0, len(frames), args.snippets)]).cpu().numpy().astype(layout["dtype"])  # (T, D)
+        (n, fps), frames = batch["counts"][0], batch["frames"][0]  # unique (K, 3, H, W), or (L, F, 3, H, W)
+        idx = data.dense_indices(n, args.frames, args.stride, args.feat_stride) if args.feat_stride else None
+        pick = torch.from_numpy(np.searchsorted(np.unique(idx), idx)) if args.feat_stride else torch.arange(len(frames))
+        x = torch.cat([tsm.encode(encoder, frames[pick[t:t + args.snippets]][None].to(device))[0]
+                       for t in range(0, len(pick), args.snippets)]).cpu().numpy()  # (T, D)
+        if not np.isfinite(x := x.astype(layout["dtype"])).all():
+            raise ValueError(f"video {batch['ids'][0]}: its features overflow {layout['dtype']}")
         data.atomic_save(folder / f"v_{batch['ids'][0]}.npy", lambda f: np.save(f, x))  # (or a broken one's stand-in)
         return torch.zeros((), device=device), {batch["ids"][0]: dict(frames=n, fps=fps, duration=n / fps, T=len(x))}
-    it = chain(in_order(args, split, device, tal_dataset(args, inputs, todo, args.feat_stride), rank, world),
-               repeat(None))
+    stand_ins = [v for v in split.videos if v.id in done][:data.REPLACE_TRIES]  # for broken ones at the end of todo
+    ds = tal_dataset(args, inputs, todo + stand_ins, args.feat_stride)
+    it = chain(in_order(args, split, device, ds, rank, world, len(todo)), repeat(None))
     try:
         for step in range(max(1, -(-len(todo) // world))):  # rank 0's count (1+: RNG draws alike)
             new, stop = forward_step(it, one, step, device, f"{split.subset} features: ", autocast(args, device),
@@ -550,12 +550,11 @@ def extract_features(args, inputs, encoder, split, rank, world, device, folder):
             done.update({k: v for part in parts for k, v in part.items()})
             if stop:
                 raise preempted(stop, args, f"extracting {split.subset} features")
-            if rank == 0 and (step + 1) % (args.save_every or 100) == 0:
-                save()
-    finally:
+        split.flush("while extracting features")  # (the broken ones, named: they have no file)
+        broken.update({k: r["reason"] for k, r in split.broken.items() if k not in done})
+    finally:  # (a stop, a failure: what is done is saved)
         if rank == 0:
             save()
-    split.flush("while extracting features")  # (the broken ones, named: they have no file)
     split.videos = [v for v in split.videos if v.id in done]
     if not split.videos:
         raise data.BadInput(f"no {split.subset} video of {args.anno} decodes in {args.store or args.videos}")
@@ -652,9 +651,10 @@ def stage_head(args, inputs, rank, world, device):
 
 def stage_extract(args, inputs, rank, world, device):
     """The frozen encoder's features of every video of --subset, for any head (README: ActionFormer, OpenTAD)."""
-    encoder = build_encoder(args, inputs, frozen_on=device)
-    for subset in sorted({v.subset for v in inputs.videos.values()}) if args.subset == "all" else [args.subset]:
-        extract_features(args, inputs, encoder, videos_of(args, inputs, subset), rank, world, device, args.out)
+    subsets = sorted({v.subset for v in inputs.videos.values()}) if args.subset == "all" else [args.subset]
+    splits, encoder = [videos_of(args, inputs, s) for s in subsets], build_encoder(args, inputs, frozen_on=device)
+    for split in splits:  # (every subset's files counted first: --max-bad stops it now, not hours later)
+        extract_features(args, inputs, encoder, split, rank, world, device, args.out)
 
 
 # ---------------- utilities

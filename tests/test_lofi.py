@@ -1,5 +1,6 @@
 """lofi.py: the three stages end to end on synthetic videos, DDP parity, exact resume, bad data."""
 import json
+import math
 import multiprocessing
 import os
 import re
@@ -421,6 +422,22 @@ def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_
         f"v_{v}" for v in data.read_annotations(root / "anno.json")[0] if v not in bad.values()}
     dets = json.load(open(tmp_path / "head" / "detections.json"))["results"]
     assert len(dets) == 3 and bad["val_gone"] not in dets
+    # A rerun skips the broken videos it recorded; one killed before it recorded them tries them again, with a
+    # video that has its file as their stand-in when no other is left (not 16 failures in a row, a traceback).
+    index = json.load(open(tmp_path / "head" / "features" / "features.json"))
+    assert sorted(index["broken"]) == sorted([bad["cut"], bad["empty"]])
+    assert "stream ends" in index["broken"][bad["cut"]]
+    kept = open(tmp_path / "head" / "detections.json").read()
+    for forget in (True, False):
+        if forget:
+            index["broken"] = {}
+            (tmp_path / "head" / "features" / "features.json").write_text(json.dumps(index))
+        lofi.main(["--stage", "head", *argv, "--out", str(tmp_path / "head"), "--epochs", "1", "--max-bad", "0.3",
+                   "--init", str(tmp_path / "lofi" / "last.pt"), "--overwrite"])
+        again = capsys.readouterr().out
+        assert ("2 training video(s) failed to decode" in again) is forget and "0 to extract" in again.split(
+            "validation features")[1]
+        assert open(tmp_path / "head" / "detections.json").read() == kept
     # Both protocols: the official one (the missing video's instances missed), then the one without it.
     official = json.load(open(tmp_path / "head" / "metrics.json"))["average-mAP"]
     available = lofi.evaluate.detection_map(root / "anno.json", tmp_path / "head" / "detections.json",
@@ -833,7 +850,8 @@ def test_two_ranks_write_the_single_process_features(synth, tmp_path):
 
 # ---------------- --stage extract: features for other heads
 # Snippets of 2 frames at stride 2 (num_frames 4) every 3 frames: they overlap; one encoder pass a video.
-EXTRACT = ["--stage", "extract", *SMALL, "--feat-stride", "3", "--snippets", "128", "--init", "none", "--max-bad", "0.5"]
+EXTRACT = ["--stage", "extract", *SMALL, "--feat-stride", "3", "--snippets", "128", "--init", "none",
+           "--max-bad", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -863,24 +881,24 @@ def test_extract_covers_every_decoded_frame_with_the_encoders_snippet_features(e
         feat_stride=3, num_frames=4, size=32, dtype="float32") and index["encoder"]["stage"] == "none"
     assert sorted(index["videos"]) == sorted(v for v in videos if v != gone)
     assert (out / "missing_files.txt").read_text() == f"{gone}\n"             # OpenTAD's block list
+    torch.manual_seed(3)                                                     # --init none, --seed 3
+    encoder = tsm.build_encoder(18, "none")[0].eval()
     for vid, record in index["videos"].items():
         cap = cv2.VideoCapture(str(root / "videos" / f"{vid}.mp4"))          # the reference: every frame, in order
         frames = []
         while (read := cap.read())[0]:
             frames.append(read[1])
         n, x = len(frames), np.load(out / f"v_{vid}.npy")
-        T = 1 + max(0, -(-(n - 4) // 3))                                     # T = 1 + max(0, ceil((n - 4) / 3))
+        T = next(t for t in range(1, n + 1) if (t - 1) * 3 + 4 >= n)         # the fewest snippets reaching frame n - 1
+        assert T == 1 + max(0, math.ceil((n - 4) / 3))                       # the stated formula
         assert (record["frames"], record["fps"], record["T"], x.shape) == (n, 10.0, T, (T, 512))
-        assert (T - 1) * 3 + 4 >= n > (T - 2) * 3 + 4                        # the fewest snippets reaching frame n - 1
-    # Snippet k is frames 3k + 2j (past the end: the last), the encoder's feature of that clip alone.
-    torch.manual_seed(3)                                                     # --init none, --seed 3
-    encoder = tsm.build_encoder(18, "none")[0].eval()
-    for k in (0, T // 2, T - 1):
-        clip = np.stack([data.fit_frame(frames[min(3 * k + 2 * j, n - 1)], (32, 32))[..., ::-1].transpose(2, 0, 1)
-                         for j in range(2)])                                 # (F, 3, H, W) RGB
-        with torch.no_grad():
-            want = tsm.encode(encoder, torch.from_numpy(np.ascontiguousarray(clip))[None, None])[0, 0]    # (D,)
-        torch.testing.assert_close(torch.from_numpy(x[k]), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+        # Snippet k is frames 3k + 2j (past the end: the last), the encoder's feature of that clip alone.
+        for k in (0, T // 2, T - 1):
+            clip = np.stack([data.fit_frame(frames[min(3 * k + 2 * j, n - 1)], (32, 32))[..., ::-1].transpose(2, 0, 1)
+                             for j in range(2)])                             # (F, 3, H, W) RGB
+            with torch.no_grad():
+                want = tsm.encode(encoder, torch.from_numpy(np.ascontiguousarray(clip))[None, None])[0, 0]  # (D,)
+            torch.testing.assert_close(torch.from_numpy(x[k]), want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
 
 
 def test_head_trains_and_evaluates_on_extracted_features(extracted, synth, tmp_path, capsys):
@@ -940,6 +958,25 @@ def test_killed_extraction_resumes_and_two_ranks_write_the_same(extracted, synth
     assert "features of another layout" in refused([*argv, "--out", str(tmp_path / "two")], capsys)
     assert "a store holds --snippets snippets a video" in refused([*EXTRACT, "--anno", synth[1], "--store",
                                                                    str(tmp_path)], capsys)
+
+
+def test_extract_never_writes_over_what_it_did_not_make(extracted, synth, tmp_path, capsys):
+    root, _ = extracted
+    argv = [*EXTRACT, "--anno", synth[1], "--videos", str(root / "videos"), "--subset", "validation"]
+    run = tmp_path / "run"                                                   # a stage-3 run folder: its checkpoint
+    run.mkdir()
+    (run / "last.pt").write_bytes(b"weights")
+    assert "holds a run (last.pt" in refused([*argv, "--out", str(run)], capsys)
+    assert (run / "last.pt").read_bytes() == b"weights"
+    foreign = tmp_path / "foreign"                                          # another toolbox's features, no index
+    foreign.mkdir()
+    np.save(foreign / "v_x.npy", np.ones((3, 4), np.float32))
+    assert "no such file, but .npy files of an unknown layout" in refused([*argv, "--out", str(foreign)], capsys)
+    (foreign / "features.json").write_text("[1, 2")                          # a cut index
+    assert "unreadable" in refused([*argv, "--out", str(foreign)], capsys)
+    assert (foreign / "v_x.npy").exists()
+    lofi.main([*argv, "--out", str(foreign), "--overwrite"])                   # asked: made anew
+    assert not (foreign / "v_x.npy").exists() and json.load(open(foreign / "features.json"))["videos"]
 
 
 # ---------------- stage 3 on precomputed features
