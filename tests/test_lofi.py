@@ -818,36 +818,6 @@ def test_killed_feature_extraction_resumes_from_its_files(synth, tmp_path, monke
     assert calls == [] and same()
 
 
-def test_two_ranks_write_the_single_process_features(synth, tmp_path):
-    argv = ["--stage", "head", *SMALL, *synth, "--epochs", "1"]
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)                       # the single-process reference, here, on one thread as each rank
-    try:
-        lofi.main([*argv, "--batch-size", "1", "--out", str(tmp_path / "one")])
-    finally:
-        torch.set_num_threads(threads)
-    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--batch-size", "2", "--out", tmp_path / "two"], tmp_path / "logs")
-    assert codes == [0, 0], errs[0][-3000:]                                   # one video a step on every rank
-    a, b = (sorted((tmp_path / d / "features").glob("*.npy")) for d in ("one", "two"))
-    assert len(a) == 8 and [f.name for f in a] == [f.name for f in b]
-    assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, b))
-    # SIGTERM to rank 1 alone while it extracts: both ranks stop at that batch (exit 3); the files written
-    # stay, and the same command (--overwrite: no checkpoint yet) makes the rest, equal to those above.
-    procs = start_ranks([*at_step(tmp_path, "1", "extract", 1), *argv, "--batch-size", "2", "--out", tmp_path / "cut"],
-                        tmp_path / "logs1")
-    waiting(tmp_path, procs)
-    stop_by_signal(procs, procs[1].pid, tmp_path)
-    said = (tmp_path / "logs1" / "rank0.log").read_text()
-    assert "lofi.py: SIGTERM: stopped extracting training features; the same command with --overwrite" in said, said
-    assert len(list((tmp_path / "cut" / "features").glob("*.npy"))) == 4      # 2 batches a rank, the 2nd its last
-    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--batch-size", "2", "--out", tmp_path / "cut", "--overwrite"],
-                            tmp_path / "logs2")
-    assert codes == [0, 0], errs[0][-3000:]
-    c = sorted((tmp_path / "cut" / "features").glob("*.npy"))
-    assert [f.name for f in c] == [f.name for f in a]
-    assert all(np.array_equal(np.load(f), np.load(g)) for f, g in zip(a, c))
-
-
 # ---------------- --stage extract: features for other heads
 # Snippets of 2 frames at stride 2 (num_frames 4) every 3 frames: they overlap; one encoder pass a video.
 EXTRACT = ["--stage", "extract", *SMALL, "--feat-stride", "3", "--snippets", "128", "--init", "none",
@@ -925,7 +895,7 @@ def test_head_trains_and_evaluates_on_extracted_features(extracted, synth, tmp_p
     np.testing.assert_allclose(gtad.read_features(out, [videos[vid]], 12)[vid].numpy().T, want, rtol=0, atol=1e-4)
 
 
-def test_killed_extraction_resumes_and_two_ranks_write_the_same(extracted, synth, tmp_path, monkeypatch, capsys):
+def test_killed_or_preempted_extraction_resumes_and_two_ranks_write_the_same(extracted, synth, tmp_path, monkeypatch, capsys):
     root, _ = extracted
     argv = [*EXTRACT, "--anno", synth[1], "--videos", str(root / "videos")]
     straight = sorted((root / "features").glob("v_*.npy"))
@@ -949,7 +919,18 @@ def test_killed_extraction_resumes_and_two_ranks_write_the_same(extracted, synth
     # Two ranks, float16: the same files, halved.
     codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--out", tmp_path / "two", "--float16"], tmp_path / "logs")
     assert codes == [0, 0], errs[0][-3000:]
-    for other, dtype in (("killed", np.float32), ("two", np.float16)):
+    # SIGTERM to rank 1 alone in its 2nd video: both ranks stop after that step (exit 3), 4 files stay, and the
+    # same command makes the rest.
+    (tmp_path / "at_step").unlink()                                         # (the killed run's)
+    procs = start_ranks([*at_step(tmp_path, "1", "extract", 1), *argv, "--out", tmp_path / "cut"], tmp_path / "logs1")
+    waiting(tmp_path, procs)
+    stop_by_signal(procs, procs[1].pid, tmp_path)
+    said = (tmp_path / "logs1" / "rank0.log").read_text()
+    assert "lofi.py: SIGTERM: stopped extracting training features; the same command" in said, said
+    assert len(list((tmp_path / "cut").glob("v_*.npy"))) == 4
+    codes, errs = run_ranks([ROOT / "lofi.py", *argv, "--out", tmp_path / "cut"], tmp_path / "logs2")
+    assert codes == [0, 0], errs[0][-3000:]
+    for other, dtype in (("killed", np.float32), ("two", np.float16), ("cut", np.float32)):
         files = sorted((tmp_path / other).glob("v_*.npy"))
         assert [f.name for f in files] == [f.name for f in straight]
         assert all(np.array_equal(np.load(f), np.load(g).astype(dtype)) for f, g in zip(files, straight))
