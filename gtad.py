@@ -472,6 +472,7 @@ def read_features(folder, videos, L):
     feats, first, missing, index = {}, None, [], {}           # first: (D, path) of the first file read
     with contextlib.suppress(OSError, ValueError):
         index = json.loads((Path(folder) / "features.json").read_text())
+    index = index if isinstance(index, dict) and isinstance(index.get("videos", {}), dict) else {}  # (not ours)
     stride, span = index.get("feat_stride"), index.get("num_frames")
     for v in videos:
         path = next((p for p in (Path(folder) / f"v_{v.id}.npy", Path(folder) / f"{v.id}.npy") if p.is_file()), None)

@@ -408,10 +408,10 @@ def memory_plan(depth, frames, fidelities, device, checkpoint=False, amp=False, 
     rows, ref, k = [], {}, 25 if device.type == "cuda" else 4  # the encoder measured on k and 2k snippets
     variants = [(c, a) for c in (False, True) for a in (False, True)] if budget_gb else [(checkpoint, amp)]
     for name, fid in fidelities:
-        for ckpt, amp in variants:
-            per_video, fixed = (x / 2**20 for x in training_memory(depth, frames, fid, device, ckpt, amp, k))
-            rows.append(dict(config=name, fidelity=str(fid), checkpoint=ckpt, amp=amp, mib_per_video=per_video,
-                             fixed_mib=fixed, ratio=per_video / ref.setdefault((ckpt, amp), per_video)))
+        for c, a in variants:
+            per_video, fixed = (x / 2**20 for x in training_memory(depth, frames, fid, device, c, a, k))
+            rows.append(dict(config=name, fidelity=str(fid), checkpoint=c, amp=a, mib_per_video=per_video,
+                             fixed_mib=fixed, ratio=per_video / ref.setdefault((c, a), per_video)))
             if budget_gb:
                 rows[-1]["fits"] = max(0, int((budget_gb * 1024 - fixed) // per_video))
     return rows
