@@ -501,11 +501,11 @@ def read_features(folder, videos, L):
     return feats
 
 
-def open_features(folder, layout, write, overwrite=False):
+def open_features(folder, layout, write, clear=False, retry=False):
     """A folder for v_<id>.npy features of `layout` (the entries of its features.json) -> its index: the layout,
-    `videos` (id -> record) that have a file, `broken` (id -> why none). Another layout, an unreadable index or
-    .npy files without one: ValueError saying so, or (overwrite) its .npy files deleted. A new index is written
-    at once with write(path, fn) (an atomic writer), so that a kill leaves files of a known layout."""
+    `videos` (id -> record) that have a file, `broken` (id -> why none; retry: forgotten). Another layout, an
+    unreadable index or .npy files without one: ValueError saying so, or (clear) its .npy files deleted. A new
+    index is written at once with write(path, fn) (an atomic writer): a kill leaves files of a known layout."""
     folder, path = Path(folder), Path(folder) / "features.json"
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -517,7 +517,7 @@ def open_features(folder, layout, write, overwrite=False):
         held, other = None, f"unreadable ({type(e).__name__}: {e})"
     if held is None and not other and any(folder.glob("*.npy")):
         other = "no such file, but .npy files of an unknown layout beside it"
-    if other and not overwrite:
+    if other and not clear:
         why = other if isinstance(other, str) else f"features of another layout (it has {other})"
         raise ValueError(f"{path}: {why}; --overwrite deletes the .npy files")
     if other or held is None:
@@ -526,6 +526,7 @@ def open_features(folder, layout, write, overwrite=False):
         held = dict(layout, videos={}, broken={})
         write(path, lambda f: f.write(json.dumps(held).encode()))
     held["videos"] = {k: v for k, v in held["videos"].items() if (folder / f"v_{k}.npy").exists()}
+    held["broken"] = {} if retry else held["broken"]
     return held
 
 

@@ -144,9 +144,8 @@ def check_inputs(p, args):
     if args.stage in ("plan", "detect"):
         need(args.anno is None or Path(args.anno).is_file(), f"--anno {args.anno}: no such file")
         return inputs
-    need(not args.features or args.stage == "head", f"--features: only for --stage head, not {args.stage}")
+    need(not (args.features or args.bn_recal) or args.stage == "head", "--features, --bn-recal: --stage head only")
     need(not (args.feat_stride or args.float16) or args.stage == "extract", "--feat-stride, --float16: --stage extract")
-    need(not args.bn_recal or args.stage == "head", f"--bn-recal: only for --stage head, not {args.stage}")
     need(not (args.store and args.feat_stride), "--feat-stride: a store holds --snippets snippets a video: --videos")
     need(sum(map(bool, (args.features, args.store, args.videos))) <= 1, "give one of --videos, --store and --features")
     if args.anno is None:
@@ -170,8 +169,8 @@ def check_inputs(p, args):
     inputs.held, inputs.occupied = held, f"--out {args.out}: holds a run ({', '.join(held)}, last logged epoch " \
         f"{(epochs or ['none'])[-1]}): --resume continues it, --overwrite starts it again"
     need(not (args.resume and args.overwrite), "give --resume or --overwrite, not both")
-    need(not held or args.resume or args.overwrite or inputs.restart or args.stage == "extract" and "last.pt" not in
-         held, inputs.occupied)  # (extract: a rerun continues; never over a checkpoint)
+    need(not held or args.resume or args.overwrite or inputs.restart or args.stage == "extract", inputs.occupied)
+    need(args.stage != "extract" or "last.pt" not in held, f"--out {args.out}: holds a run's last.pt: not for features")
     need(not args.resume or "last.pt" in held, f"--resume: no checkpoint at {args.out}/last.pt")
     try:
         inputs.videos = data.read_annotations(args.anno)[0]
@@ -265,8 +264,8 @@ def autocast(args, device):
 
 
 def preempted(signum, args, where):
-    flag = "--resume" if Path(args.out, "last.pt").is_file() else "--overwrite (its features are kept)"
-    print0(f"lofi.py: {signal.Signals(signum).name}: stopped {where}; the same command with {flag} continues it",
+    flag = " with --resume" if Path(args.out, "last.pt").is_file() else " with --overwrite" * (args.stage != "extract")
+    print0(f"lofi.py: {signal.Signals(signum).name}: stopped {where}; the same command{flag} continues it",
            file=sys.stderr)
     return SystemExit(PREEMPTED)
 
@@ -507,10 +506,11 @@ def extract_features(args, inputs, encoder, split, rank, world, device, folder):
                   else args.snippets, dtype=["float32", "float16"][args.float16], source=["videos", "store"][
                   bool(args.store)], encoder=dict(init=stamp, stage=(inputs.init or {}).get("stage", args.init)),
                   **{k: getattr(args, k) for k in ("frames", "stride", "size", "depth", "bn_recal", "seed", "amp")})
-    held = [None]  # the folder's index (gtad.open_features), or why it is refused
+    held = [None]  # the folder's index (gtad.open_features; stage 3's: its own, cleared at will), or why it is refused
     if rank == 0:
         try:
-            held = [gtad.open_features(folder, layout, data.atomic_save, args.overwrite)]
+            held = [gtad.open_features(folder, layout, data.atomic_save, args.stage == "head" or args.overwrite,
+                                       args.overwrite)]
         except (OSError, ValueError) as e:
             held = [str(e)]
     if world > 1:
@@ -519,6 +519,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device, folder):
         raise data.BadInput(held)
     done, broken = held["videos"], held["broken"]  # id -> frames, fps, duration, T; id -> why it has no file
     split.broken.update({v.id: dict(id=v.id, reason=broken[v.id]) for v in split.videos if v.id in broken})
+    split.check()  # (--max-bad counts them too; --overwrite tries them again)
     todo = sorted((v for v in split.videos if v.id not in {**done, **broken}), key=lambda v: -v.duration)
     print0(f"{split.subset} features: {len(split.videos) - len(todo)} in {folder} already, {len(todo)} to extract")
     save = lambda: gtad.save_features(folder, held, inputs.videos, data.atomic_save)  # (on rank 0)
@@ -526,7 +527,7 @@ def extract_features(args, inputs, encoder, split, rank, world, device, folder):
     def one(batch):  # -> (a finite stand-in loss, {id: its record}); None: this rank's are done
         if rank == 0 and step and step % (args.save_every or 100) == 0:
             save()  # (the steps before this one; an error stops every rank)
-        if batch is None:
+        if batch is None or batch["ids"][0] in done:  # (done: a stand-in for a broken one, or a replacement)
             return torch.zeros((), device=device), {}
         (n, fps), frames = batch["counts"][0], batch["frames"][0]  # unique (K, 3, H, W), or (L, F, 3, H, W)
         idx = data.dense_indices(n, args.frames, args.stride, args.feat_stride) if args.feat_stride else None
@@ -534,11 +535,11 @@ def extract_features(args, inputs, encoder, split, rank, world, device, folder):
         x = torch.cat([tsm.encode(encoder, frames[pick[t:t + args.snippets]][None].to(device))[0]
                        for t in range(0, len(pick), args.snippets)]).cpu().numpy()  # (T, D)
         if not np.isfinite(x := x.astype(layout["dtype"])).all():
-            raise ValueError(f"video {batch['ids'][0]}: its features overflow {layout['dtype']}")
+            raise data.BadInput(f"video {batch['ids'][0]}: its features are not finite in {layout['dtype']}")
         data.atomic_save(folder / f"v_{batch['ids'][0]}.npy", lambda f: np.save(f, x))  # (or a broken one's stand-in)
         return torch.zeros((), device=device), {batch["ids"][0]: dict(frames=n, fps=fps, duration=n / fps, T=len(x))}
-    stand_ins = [v for v in split.videos if v.id in done][:data.REPLACE_TRIES]  # for broken ones at the end of todo
-    ds = tal_dataset(args, inputs, todo + stand_ins, args.feat_stride)
+    spare = [v for v in split.videos if v.id in done][:data.REPLACE_TRIES]  # after todo: broken ones' stand-ins
+    ds = tal_dataset(args, inputs, todo + spare, args.feat_stride)
     it = chain(in_order(args, split, device, ds, rank, world, len(todo)), repeat(None))
     try:
         for step in range(max(1, -(-len(todo) // world))):  # rank 0's count (1+: RNG draws alike)
@@ -633,7 +634,6 @@ def stage_head(args, inputs, rank, world, device):
     if not table:  # its own classes (for another head: --video-scores)
         table = {v.id: gtad.video_class_scores(clf, feats[v.id]) for v in val.videos}, classes
         gtad.write_video_scores(out / "video_scores.json", *table)
-
     if lacking := [v.id for v in val.videos if v.id not in table[0]]:
         raise data.BadInput(f"{args.video_scores}: no video-level scores for {len(lacking)} videos: {lacking[:5]}")
     results = gtad.detect_videos(head, feats, val.videos, lambda v: (table[0][v.id], table[1]), args.nms_sigma,

@@ -399,7 +399,7 @@ def test_one_prepare_at_a_time_on_a_store(synth, tmp_path, capsys):
     assert data.main(argv) == 0 and "8 videos already in" in capsys.readouterr().out
 
 
-def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys):
+def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_path, capsys, monkeypatch):
     root, bad = dirty
     argv = [*SMALL, "--anno", str(root / "anno.json"), "--videos", str(root / "videos")]
     lofi.main(["--stage", "lofi", *argv, "--out", str(tmp_path / "lofi"), "--epochs", "2", "--max-bad", "0.3"])
@@ -422,22 +422,21 @@ def test_missing_cut_and_empty_videos_are_skipped_replaced_and_named(dirty, tmp_
         f"v_{v}" for v in data.read_annotations(root / "anno.json")[0] if v not in bad.values()}
     dets = json.load(open(tmp_path / "head" / "detections.json"))["results"]
     assert len(dets) == 3 and bad["val_gone"] not in dets
-    # A rerun skips the broken videos it recorded; one killed before it recorded them tries them again, with a
-    # video that has its file as their stand-in when no other is left (not 16 failures in a row, a traceback).
+    # A rerun skips the broken videos it recorded; one killed before it recorded them tries them again, the
+    # last ones replaced by a video done before (no 16 failures in a row, no traceback), nothing encoded again.
     index = json.load(open(tmp_path / "head" / "features" / "features.json"))
     assert sorted(index["broken"]) == sorted([bad["cut"], bad["empty"]])
     assert "stream ends" in index["broken"][bad["cut"]]
-    kept = open(tmp_path / "head" / "detections.json").read()
+    kept, real, calls = open(tmp_path / "head" / "detections.json").read(), tsm.encode, []
+    monkeypatch.setattr(tsm, "encode", lambda e, f: calls.append(1) or real(e, f))
     for forget in (True, False):
         if forget:
-            index["broken"] = {}
-            (tmp_path / "head" / "features" / "features.json").write_text(json.dumps(index))
+            (tmp_path / "head" / "features" / "features.json").write_text(json.dumps(dict(index, broken={})))
         lofi.main(["--stage", "head", *argv, "--out", str(tmp_path / "head"), "--epochs", "1", "--max-bad", "0.3",
-                   "--init", str(tmp_path / "lofi" / "last.pt"), "--overwrite"])
-        again = capsys.readouterr().out
-        assert ("2 training video(s) failed to decode" in again) is forget and "0 to extract" in again.split(
-            "validation features")[1]
-        assert open(tmp_path / "head" / "detections.json").read() == kept
+                   "--init", str(tmp_path / "lofi" / "last.pt"), "--resume"])
+        assert f"{2 if forget else 0} to extract" in capsys.readouterr().out.split("validation features")[0]
+        assert json.load(open(tmp_path / "head" / "features" / "features.json"))["broken"] == index["broken"]
+        assert open(tmp_path / "head" / "detections.json").read() == kept and calls == []
     # Both protocols: the official one (the missing video's instances missed), then the one without it.
     official = json.load(open(tmp_path / "head" / "metrics.json"))["average-mAP"]
     available = lofi.evaluate.detection_map(root / "anno.json", tmp_path / "head" / "detections.json",
@@ -941,14 +940,15 @@ def test_killed_or_preempted_extraction_resumes_and_two_ranks_write_the_same(ext
                                                                    str(tmp_path)], capsys)
 
 
-def test_extract_never_writes_over_what_it_did_not_make(extracted, synth, tmp_path, capsys):
+def test_extract_never_writes_over_what_it_did_not_make(extracted, synth, tmp_path, capsys, monkeypatch):
     root, _ = extracted
     argv = [*EXTRACT, "--anno", synth[1], "--videos", str(root / "videos"), "--subset", "validation"]
     run = tmp_path / "run"                                                   # a stage-3 run folder: its checkpoint
     run.mkdir()
     (run / "last.pt").write_bytes(b"weights")
-    assert "holds a run (last.pt" in refused([*argv, "--out", str(run)], capsys)
-    assert (run / "last.pt").read_bytes() == b"weights"
+    for flag in ([], ["--overwrite"], ["--resume"]):                          # not even when asked
+        assert "holds a run's last.pt: not for features" in refused([*argv, "--out", str(run), *flag], capsys)
+    assert os.listdir(run) == ["last.pt"] and (run / "last.pt").read_bytes() == b"weights"
     foreign = tmp_path / "foreign"                                          # another toolbox's features, no index
     foreign.mkdir()
     np.save(foreign / "v_x.npy", np.ones((3, 4), np.float32))
@@ -958,6 +958,17 @@ def test_extract_never_writes_over_what_it_did_not_make(extracted, synth, tmp_pa
     assert (foreign / "v_x.npy").exists()
     lofi.main([*argv, "--out", str(foreign), "--overwrite"])                   # asked: made anew
     assert not (foreign / "v_x.npy").exists() and json.load(open(foreign / "features.json"))["videos"]
+    # Features float16 cannot hold: refused by name, not written.
+    monkeypatch.setattr(tsm, "encode", lambda e, f: torch.full((1, len(f[0]), 512), 1e6))
+    assert "not finite in float16" in refused([*argv, "--out", str(tmp_path / "half"), "--float16"], capsys)
+    assert not list((tmp_path / "half").glob("v_*.npy"))
+    # A file features.json does not record (its run killed before it saved) is missing to --features.
+    videos = data.read_annotations(synth[1])[0]
+    index = json.load(open(foreign / "features.json"))
+    vid = next(iter(index["videos"]))
+    (foreign / "features.json").write_text(json.dumps(dict(index, videos={})))
+    with pytest.raises(ValueError, match=f"no record in its features.json.*{vid}"):
+        gtad.read_features(foreign, [videos[vid]], 12)
 
 
 # ---------------- stage 3 on precomputed features
