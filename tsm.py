@@ -279,6 +279,8 @@ def build_encoder(depth=18, init="none", ckpt=None, checkpoint=False):
     if init == "none":
         return TSM(cfg), "encoder initialised at random"
     if isinstance(ckpt, dict) and "encoder_cfg" in ckpt:
+        if ckpt["encoder_cfg"] is None:
+            raise ValueError(f"{init}: holds no encoder (a head trained on precomputed features)")
         cfg = TSMConfig(**{**ckpt["encoder_cfg"], "checkpoint": checkpoint})
     encoder = TSM(cfg)
     report = load_weights(encoder, init, ckpt)

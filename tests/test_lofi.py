@@ -1024,6 +1024,9 @@ def test_oracle_features_through_stage_3_reach_a_high_map(oracle, tmp_path, caps
     # The head has no encoder: stage detect says so instead of failing inside torch.
     assert "precomputed features" in refused(["--stage", "detect", "--run", str(out), "--video",
                                               str(next((oracle / "videos").iterdir()))], capsys)
+    assert "holds no encoder (a head trained on precomputed features)" in refused([
+        "--stage", "extract", "--preset", "tiny", "--anno", str(oracle / "anno.json"), "--init", str(out / "last.pt"),
+        "--out", str(tmp_path / "features"), "--workers", "0"], capsys)
 
 
 def test_bad_feature_files_are_refused_by_name(oracle, tmp_path, capsys):
